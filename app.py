@@ -1,0 +1,15 @@
+"""LoRA Studio desktop app: ``python app.py`` opens the Gradio UI on the built-in demo model."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_studio.ui.launch import launch_from_args
+
+    return launch_from_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

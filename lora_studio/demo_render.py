@@ -1,0 +1,25 @@
+"""A sample grid of the demo prompts, to show a user what the built-in model draws."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .demo import DEMO_PROMPTS, DEMO_RESOLUTION
+from .grid import labelled_grid
+
+
+def sample_grid(pipe, out: str | Path, steps: int = 20, seeds: tuple[int, ...] = (0, 1), cfg: float = 4.0) -> Path:
+    rows = []
+    for seed in seeds:
+        row = []
+        for prompt in DEMO_PROMPTS:
+            gen = torch.Generator().manual_seed(seed)
+            row.append(pipe(prompt, num_inference_steps=steps, guidance_scale=cfg, generator=gen,
+                            height=DEMO_RESOLUTION, width=DEMO_RESOLUTION).images[0])
+        rows.append(row)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(rows, DEMO_PROMPTS, [f"seed {s}" for s in seeds], scale=2).save(out)
+    return out

@@ -1,0 +1,55 @@
+"""Shared fixtures: the shipped tiny demo model, the demo style dataset, deterministic torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_LORAS = REPO.parent / "shared" / "real-loras"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes more than ~20 s on 2 CPU cores")
+    config.addinivalue_line("markers", "browser: drives a real headless Chromium")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    from lora_studio.demo import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+@pytest.fixture()
+def demo_pipe(demo_model_dir):
+    """A fresh demo pipeline per test (loading takes well under a second), so tests may change its weights."""
+    from lora_studio.demo import load_demo_pipeline
+
+    return load_demo_pipeline()
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    from lora_studio.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo-data"))
+
+
+@pytest.fixture(scope="session")
+def real_loras() -> Path:
+    """Real LoRA files made outside this project (../shared/real-loras, present in CI and every session).
+    A clone without that folder skips these interop tests and says so."""
+    folder = Path(os.environ.get("LORA_STUDIO_REAL_LORAS", REAL_LORAS))
+    if not folder.is_dir():
+        pytest.skip(f"real LoRA fixtures not found at {folder}; set LORA_STUDIO_REAL_LORAS to run the interop tests")
+    return folder

@@ -180,18 +180,23 @@ def module_delta_full(mod: LoraModule, weight_shape: Sequence[int] | None = None
     """The fp32 delta of any module kind, scale (alpha/rank) included, strength excluded.
 
     Classic LoRA/LoCon and plain "full" diffs are computed here; LoHa, LoKr and DoRA go through
-    ``lora_studio.lora.math.module_delta`` (DoRA's delta needs the base weight: pass the module through
-    ``lora_studio.export`` with a base model for those)."""
+    ``lora_studio.lora.math`` (DoRA is refused: its delta needs the base weight). ``weight_shape`` (or
+    ``mod.extra["weight_shape"]``) reshapes the delta to the layer's shape, e.g. a LoHa conv to 4-D."""
     pair = _updown_matrices(mod)
     if pair is not None:
         up, down = pair
         return (up @ down * mod.scale).reshape(_delta_shape(mod))
     if mod.kind == "full" and len(mod.tensors) == 1:
         return next(iter(mod.tensors.values())).to(torch.float32)
-    from . import math as lora_math  # the other engineer's module; imported late on purpose
+    from . import math as lora_math
 
+    if "dora_scale" in mod.tensors:
+        raise LoraFormatError(f"module {mod.name} is DoRA: its delta depends on the base weight, so it cannot be "
+                              "resized or merged on its own. Merge it into a checkpoint with `export` instead.")
     shape = weight_shape if weight_shape is not None else mod.extra.get("weight_shape")
-    return lora_math.module_delta(mod, tuple(shape) if shape is not None else None).to(torch.float32)
+    if shape is None:  # the shape the factors give (a LoHa conv comes out flattened to (out, in*kh*kw))
+        return lora_math.raw_delta(mod).to(torch.float32)
+    return lora_math.module_delta(mod, tuple(shape)).to(torch.float32)
 
 
 def module_spectrum(mod: LoraModule, weight_shape: Sequence[int] | None = None) -> torch.Tensor:

@@ -1,0 +1,274 @@
+"""Merged checkpoints: fuse LoRAs at strengths into a base model and write a single file or a diffusers folder.
+
+The single file uses the original (ldm) layout that AUTOMATIC1111 and ComfyUI load and diffusers'
+``from_single_file`` reads back. The merge runs in fp32 (``W = W0 + sum(strength * delta)``, each delta from
+``lora.math.module_delta`` against the unmerged W0, as AUTOMATIC1111 does), then the whole model is converted to
+the output dtype *in place*, module by module, so the peak stays near one fp32 copy of the model; every tensor
+is checked with ``isfinite`` after conversion (fp16 overflow shows up there) before anything is written.
+
+LoRA-file operations (merge several LoRAs into one, resize, extract) live in ``export_lora`` and are re-exported
+here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError, ExportError, InputFileError
+from .export_lora import (DTYPES, ResizeReport, extract_lora, file_sha256, merge_loras,  # noqa: F401 (re-exports)
+                          parse_dtype, resize_lora)
+from .family import Family, family_of_pipeline
+from .progress import ProgressCallback, report
+
+FORMATS = ("single_file", "diffusers")
+DEFAULT_RESOLUTION = {Family.SD1: 512, Family.SD2: 768, Family.SDXL: 1024}
+MERGE_INFO_FILE = "lora_studio_merge.json"  # what a diffusers-folder export records (its files have no header)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    fmt: str
+    dtype: str
+    family: Family
+    merged: list[dict] = field(default_factory=list)    # name, strength, sha256, modules per LoRA
+    modules_changed: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+    def text(self) -> str:
+        loras = ", ".join(f"{m['name']}:{m['strength']:g}" for m in self.merged) or "no LoRAs"
+        return (f"wrote {self.out} ({self.fmt}, {self.dtype}, {self.family.label}, {self.bytes / 2**20:.1f} MiB) "
+                f"in {self.seconds:.1f}s: merged {loras} into {self.modules_changed} layers")
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``"a.safetensors:0.8"`` -> ``("a.safetensors", 0.8)``; no ``:number`` suffix means strength 1."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass  # a colon that is part of the path (C:\...)
+    return text, 1.0
+
+
+# --------------------------------------------------------------------------- merging into a pipeline
+def _load_base(base, config_dir, progress):
+    """``(pipe, family, source_path or None)``; a path is loaded with ``models.load_pipeline`` in fp32."""
+    if isinstance(base, (str, os.PathLike)):
+        from .models import load_pipeline  # another engineer's loader; imported late on purpose
+
+        report(progress, "load", 0, 1, str(base))
+        kwargs = {"config_dir": config_dir} if config_dir is not None else {}
+        loaded = load_pipeline(str(base), **kwargs)
+        report(progress, "load", 1, 1, str(base))
+        pipe = loaded.pipe
+        return pipe, getattr(loaded, "family", None) or family_of_pipeline(pipe), Path(base)
+    pipe = getattr(base, "pipe", base)  # a LoadedModel or a bare pipeline
+    return pipe, getattr(base, "family", None) or family_of_pipeline(pipe), None
+
+
+def merge_into_pipeline(pipe, loras: Sequence[tuple[str | os.PathLike, float]],
+                        progress: ProgressCallback | None = None,
+                        backup: dict | None = None) -> tuple[list[dict], int]:
+    """Fuse the LoRAs into ``pipe``'s weights in place (fp32 arithmetic, result cast to each weight's dtype).
+
+    Every module of every file must land on a layer of the pipeline; otherwise nothing is changed and a
+    ``LoraFormatError`` lists the modules (a partial merge is never done silently). Returns
+    ``(merged-file records, number of layers changed)``. If ``backup`` is a dict, each changed weight's original
+    is stored there (weight tensor -> copy) so ``restore_weights`` can undo the merge.
+    """
+    from .errors import LoraFormatError
+    from .lora.formats import read_lora
+    from .lora.keys import match_modules, pipeline_components
+    from .lora.math import module_delta
+
+    comps = pipeline_components(pipe)
+    plan: dict[tuple[str, str], list[tuple[object, float]]] = {}
+    records = []
+    for path, strength in loras:
+        lf = read_lora(path)
+        match = match_modules(lf, pipe)
+        if match.unmatched:
+            shown = ", ".join(match.unmatched[:5]) + (" ..." if len(match.unmatched) > 5 else "")
+            raise LoraFormatError(f"{path}: {len(match.unmatched)} of {len(lf.modules)} modules have no layer in "
+                                  f"the base model ({shown}); nothing was merged. Use a LoRA made for this base.")
+        for kname, target in match.matched.items():
+            plan.setdefault(target, []).append((lf.modules[kname], float(strength)))
+        records.append({"name": Path(path).name, "strength": float(strength), "sha256": file_sha256(path),
+                        "modules": len(match.matched), "format": lf.format})
+    with torch.no_grad():
+        for i, ((comp, mname), items) in enumerate(sorted(plan.items()), 1):
+            weight = comps[comp].get_submodule(mname).weight
+            if backup is not None:
+                backup[weight] = weight.detach().clone()
+            w0 = weight.detach().to(torch.float32)
+            total = w0.clone()
+            for mod, strength in items:
+                total += strength * module_delta(mod, tuple(w0.shape), base=w0)
+            weight.copy_(total.to(weight.dtype))
+            report(progress, "merge", i, len(plan), mname)
+    return records, len(plan)
+
+
+def restore_weights(backup: dict) -> None:
+    with torch.no_grad():
+        for weight, original in backup.items():
+            weight.copy_(original)
+    backup.clear()
+
+
+# --------------------------------------------------------------------------- writing
+def _convert_in_place(pipe, dtype: torch.dtype, progress) -> None:
+    """Cast every model of the pipeline to ``dtype`` parameter by parameter (``Module.to`` replaces each tensor
+    in turn, so the old one is freed before the next is made)."""
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    for i, m in enumerate(models, 1):
+        m.to(dtype)
+        report(progress, "convert", i, len(models), type(m).__name__)
+
+
+def _check_finite(tensors, where: str) -> None:
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(f"refusing to write {where}: {len(bad)} merged tensors hold NaN or inf (e.g. {bad[0]}). "
+                          "Lower the LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was written.")
+
+
+def _base_metadata(source: Path | None) -> dict[str, str]:
+    if source is None or source.suffix.lower() != ".safetensors" or not source.is_file():
+        return {}
+    from .fileio import read_safetensors_header
+
+    return read_safetensors_header(source)[1]
+
+
+def checkpoint_metadata(base_meta: dict[str, str], family: Family, title: str, records: list[dict],
+                        dtype: str, base_name: str) -> dict[str, str]:
+    """Base metadata + what was merged + model-spec keys for a merged checkpoint."""
+    res = DEFAULT_RESOLUTION[family]
+    meta = {k: v for k, v in base_meta.items() if k != "modelspec.hash_sha256"}
+    meta.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture.removesuffix("/lora"),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if family is Family.SDXL else "https://github.com/Stability-AI/stablediffusion",
+        "modelspec.title": title,
+        "modelspec.resolution": meta.get("modelspec.resolution", f"{res}x{res}"),
+        "modelspec.date": time.strftime("%Y-%m-%d"),
+        "lora_studio.base_model": base_name,
+        "lora_studio.merged_loras": json.dumps(records),
+        "lora_studio.dtype": dtype,
+    })
+    return meta
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Move a finished folder onto ``final``; an existing folder is moved aside first and restored on failure."""
+    backup = None
+    if final.exists():
+        if not final.is_dir():
+            raise ExportError(f"{final} exists and is not a folder; choose another --out for a diffusers export.")
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if backup is not None:
+            os.replace(backup, final)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def export_merged_checkpoint(base, loras: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike, *,
+                             fmt: str = "single_file", dtype: str = "fp16", config_dir: str | None = None,
+                             progress: ProgressCallback | None = None) -> ExportResult:
+    """Fuse ``loras`` (path, strength) into ``base`` and write ``out``.
+
+    ``base`` is a model path (loaded here, in fp32, and then consumed: its weights are merged and converted in
+    place) or an already loaded pipeline / ``LoadedModel`` (then it is left unchanged: its weights are restored
+    after writing, and the dtype conversion copies tensor by tensor). ``fmt`` is "single_file" (one ldm-layout
+    ``.safetensors``) or "diffusers" (a ``save_pretrained`` folder). Writes are atomic: a failure leaves no file
+    under ``out`` and an earlier file there untouched.
+    """
+    from .fileio import save_safetensors_atomic
+    from .ldm import pipeline_to_ldm_state_dict
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is unknown; use 'single_file' or 'diffusers'.")
+    torch_dtype = parse_dtype(dtype)
+    out = Path(out)
+    if fmt == "single_file" and out.suffix.lower() != ".safetensors":
+        raise ConfigError(f"--out {out} should end in .safetensors for a single-file export "
+                          "(or pass --format diffusers to write a folder).")
+    if isinstance(base, (str, os.PathLike)) and Path(base).resolve() == out.resolve():
+        raise ConfigError(f"--out {out} is the base model itself; choose another name so the base stays intact.")
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise InputFileError(f"LoRA file {path} does not exist. Check the path.")
+    t0 = time.monotonic()
+    pipe, family, source = _load_base(base, config_dir, progress)
+    owned = source is not None
+    backup = None if owned else {}  # the caller's pipeline gets its weights back (only merged layers are copied)
+    try:
+        records, changed = merge_into_pipeline(pipe, loras, progress, backup)
+        base_name = source.name if source is not None else "(loaded pipeline)"
+        if fmt == "single_file":
+            if owned:
+                _convert_in_place(pipe, torch_dtype, progress)
+                sd = pipeline_to_ldm_state_dict(pipe, family)
+            else:
+                sd = {k: v.detach().to(torch_dtype) for k, v in pipeline_to_ldm_state_dict(pipe, family).items()}
+            _check_finite(sd.items(), str(out))
+            meta = checkpoint_metadata(_base_metadata(source), family, out.stem, records, dtype, base_name)
+            report(progress, "write", 0, 1, str(out))
+            save_safetensors_atomic(sd, out, meta)
+            del sd
+            size = out.stat().st_size
+        else:
+            if not owned:
+                raise ConfigError("a diffusers-folder export needs the base model's path (it converts the model "
+                                  "in place); pass the path instead of a loaded pipeline.")
+            _convert_in_place(pipe, torch_dtype, progress)
+            _check_finite(((f"{c}.{n}", p) for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+                           for n, p in m.state_dict().items()), str(out))
+            report(progress, "write", 0, 1, str(out))
+            size = _save_folder(pipe, out, {"base_model": base_name, "dtype": dtype, "family": family.value,
+                                            "merged_loras": records})
+        report(progress, "write", 1, 1, str(out))
+    finally:
+        if backup is not None:
+            restore_weights(backup)
+    return ExportResult(out, fmt, dtype, family, records, changed, time.monotonic() - t0, size)
+
+
+def _save_folder(pipe, out: Path, info: dict) -> int:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    except OSError as err:
+        raise ExportError(f"cannot write into {out.parent}: {err.strerror or err}. "
+                          "Choose a folder you can write to.") from err
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        _replace_folder(tmp, out)
+    except OSError as err:
+        raise ExportError(f"could not write {out}: {err.strerror or err}. Free some disk space or choose "
+                          "another folder; nothing was overwritten.") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return size

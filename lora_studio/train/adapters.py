@@ -1,0 +1,117 @@
+"""LoRA layers through peft: inject into the UNet / text encoder, export as kohya modules, and take them out again.
+
+peft does the layers, the inits (Gaussian with B = 0, PiSSA, rsLoRA, DoRA) and the scaling. What is written by
+hand here: the export to kohya names and alphas (peft has no kohya writer), the PiSSA delta (PiSSA moves the
+principal part out of the base weight, so the file must hold ``s·(BA - B0A0)``) and restoring the base layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..lora.formats import LoraModule
+from ..lora.keys import kohya_module_name
+from .config import TrainConfig
+
+ADAPTER = "default"
+
+
+@dataclass
+class InjectedLora:
+    """The LoRA layers peft put into one model, with what is needed to export and remove them."""
+
+    model: nn.Module
+    prefix: str                                     # kohya prefix: "lora_unet_", "lora_te_", ...
+    layers: dict[str, nn.Module]                    # module name -> peft LoraLayer
+    pissa_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (A0, B0)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights that PiSSA changed
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for n, p in layer.named_parameters()
+                if p.requires_grad and ("lora_" in n)]
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable LoRA parameters under stable names (``<module>.<param>``), for saving training state."""
+        return {f"{name}.{n}": p for name, layer in self.layers.items() for n, p in layer.named_parameters()
+                if p.requires_grad and "lora_" in n}
+
+
+def peft_lora_config(cfg: TrainConfig, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(targets), lora_dropout=cfg.lora_dropout,
+                      init_lora_weights="pissa" if cfg.init == "pissa" else "gaussian",
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+
+
+def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: str) -> InjectedLora:
+    """Add trainable LoRA layers to ``model`` (frozen otherwise). Works for UNets and transformers 5.x CLIP
+    text encoders alike (``add_adapter`` does not work on the latter)."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    originals = {}
+    if cfg.init == "pissa":  # PiSSA rewrites base weights; keep them to restore the base bit for bit afterwards
+        originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
+                     if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(n, t) for t in targets)}
+    model.requires_grad_(False)
+    try:
+        inject_adapter_in_model(peft_lora_config(cfg, targets), model, adapter_name=ADAPTER)
+    except ValueError as err:
+        raise ConfigError(f"target modules {targets} do not match layers of the {prefix.strip('_')} model ({err}). "
+                          "Use names such as to_q, to_k, to_v, to_out.0, ff.net.0.proj, proj_in, conv1 "
+                          "(UNet) or q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoder).") from err
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+    for n, p in model.named_parameters():  # peft leaves only its own layers trainable; make sure of it
+        p.requires_grad_("lora_" in n)
+    pissa_start = {}
+    if cfg.init == "pissa":
+        pissa_start = {n: (l.lora_A[ADAPTER].weight.detach().clone(), l.lora_B[ADAPTER].weight.detach().clone())
+                       for n, l in layers.items()}
+        originals = {n: w for n, w in originals.items() if n in layers}
+    return InjectedLora(model, prefix, layers, pissa_start, originals)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def to_kohya_modules(inj: InjectedLora, dtype: torch.dtype = torch.float32) -> dict[str, LoraModule]:
+    """The trained layers as kohya modules: ``up @ down * alpha / rank`` equals what the model adds to each weight
+    (relative to the original base weight, also for PiSSA and rsLoRA)."""
+    out: dict[str, LoraModule] = {}
+    for name, layer in inj.layers.items():
+        down = layer.lora_A[ADAPTER].weight.detach().float()
+        up = layer.lora_B[ADAPTER].weight.detach().float()
+        scale = float(layer.scaling[ADAPTER])
+        if name in inj.pissa_start:  # file delta = s·(B A - B0 A0) as one LoRA of rank 2r
+            a0, b0 = (t.float() for t in inj.pissa_start[name])
+            down, up = torch.cat([down, a0], 0), torch.cat([up, -b0], 1)
+        rank = int(down.shape[0])
+        kohya = kohya_module_name(inj.prefix, name)
+        mod = LoraModule.from_updown(kohya, down.to(dtype), up.to(dtype), alpha=scale * rank)
+        if getattr(layer, "lora_magnitude_vector", None) and ADAPTER in layer.lora_magnitude_vector:
+            mod.tensors["dora_scale"] = layer.lora_magnitude_vector[ADAPTER].weight.detach().to(dtype)
+        out[kohya] = mod
+    return out
+
+
+def remove_lora(inj: InjectedLora) -> None:
+    """Put the base layers back in place of peft's wrappers (restoring weights PiSSA changed)."""
+    for name, layer in inj.layers.items():
+        base = layer.get_base_layer()
+        if name in inj.originals:
+            with torch.no_grad():
+                base.weight.copy_(inj.originals[name])
+        parent_name, _, child = name.rpartition(".")
+        parent = inj.model.get_submodule(parent_name) if parent_name else inj.model
+        setattr(parent, child, base)
+    inj.layers.clear()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)

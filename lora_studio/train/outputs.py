@@ -1,0 +1,83 @@
+"""Everything one run writes into ``<output_dir>/<run_name>/``: config.json, LoRA files, state, samples, losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..family import Family
+from ..grid import labelled_grid
+from .config import TrainConfig
+from .dataset import BucketBatches
+from .save import RESUME_MUST_MATCH, lora_metadata, save_state, write_losses, write_lora
+
+
+class RunWriter:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, family: Family, batches: BucketBatches,
+                 tag_freq: dict) -> None:
+        self.cfg, self.run_dir, self.family, self.batches, self.tag_freq = cfg, Path(run_dir), family, batches, tag_freq
+        self.samples: list[Path] = []
+        self.last_good: Path | None = None
+        self.prediction_type = cfg.prediction_type
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.to_json(self.run_dir / "config.json")
+
+    def _metadata(self, modules, step: int) -> dict[str, str]:
+        items = self.batches.items
+        dirs: dict[str, dict[str, int]] = {}
+        for it in items:
+            d = dirs.setdefault(f"{it.repeats}_{it.concept}", {"n_repeats": it.repeats, "img_count": 0})
+            d["img_count"] += 1
+        per_step = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
+        buckets = {str(i): {"resolution": list(b), "count": n}
+                   for i, (b, n) in enumerate(self.batches.bucket_counts.items())}
+        epoch = (step * self.cfg.gradient_accumulation_steps) // max(1, self.batches.batches_per_epoch)
+        meta = lora_metadata(self.cfg, self.family, modules, steps_done=step,
+                             num_train_images=sum(it.repeats for it in items), tag_frequency=self.tag_freq,
+                             dataset_dirs=dirs, bucket_info={"buckets": buckets, "images_per_step": per_step},
+                             batches_per_epoch=self.batches.batches_per_epoch, epoch=epoch)
+        meta["modelspec.prediction_type"] = self.prediction_type
+        if self.prediction_type == "v_prediction":
+            meta["ss_v_parameterization"] = "True"
+        return meta
+
+    def save_lora(self, modules, step: int, final: bool) -> Path:
+        name = self.cfg.resolved_output_name()
+        path = self.run_dir / (f"{name}.safetensors" if final else f"{name}-step{step:06d}.safetensors")
+        write_lora(modules, path, self._metadata(modules, step), self.cfg.save_precision)
+        self.last_good = path
+        return path
+
+    def save_state(self, step: int, adapter: dict, torch_state: dict, losses: list[float], lrs: list[float]) -> Path:
+        info = {"step": step, "losses": losses, "lrs": lrs,
+                "config": {k: getattr(self.cfg, k) for k in RESUME_MUST_MATCH}}
+        return save_state(self.run_dir / "state", step, adapter, torch_state, info)
+
+    def sample(self, pipe, step: int) -> Path:
+        """One grid: a row per seed, a column per prompt, rendered with the LoRA as trained so far."""
+        cfg = self.cfg
+        rows = []
+        with torch.no_grad():
+            for seed in cfg.sample_seeds:
+                row = []
+                for prompt in cfg.sample_prompts:
+                    gen = torch.Generator().manual_seed(seed)
+                    row.append(pipe(prompt, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
+                                    generator=gen, height=cfg.resolution, width=cfg.resolution).images[0])
+                rows.append(row)
+        grid = labelled_grid(rows, cfg.sample_prompts, [f"seed {s}" for s in cfg.sample_seeds],
+                             scale=2 if cfg.resolution < 256 else 1)
+        path = self.run_dir / "samples" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..fileio import atomic_path
+
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        self.samples.append(path)
+        return path
+
+    def finish(self, losses: list[float], lrs: list[float]) -> None:
+        write_losses(self.run_dir, losses, lrs)

@@ -1,0 +1,312 @@
+"""The training loop: peft LoRA layers on a frozen base, optimised with accelerate.
+
+Like minGPT's trainer it knows nothing about the UI: it reports through ``progress``, ``TrainCallbacks`` and
+stops at the next step when a ``StopFlag`` is raised (saving the LoRA and a resumable state first).
+Multi-GPU runs go through ``accelerate launch``: each process takes every n-th batch of the same seeded order.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError, TrainingError
+from ..family import Family, family_of_pipeline
+from ..progress import ProgressCallback, StopFlag, report
+from .adapters import InjectedLora, count_parameters, inject_lora, remove_lora, to_kohya_modules
+from .cache import LatentCache, TextCache, encode_prompts
+from .config import TrainConfig
+from .dataset import BucketBatches, scan_images, tag_frequency, transform_caption
+from .objective import diffusion_loss, sample_noise
+from .outputs import RunWriter
+from .save import check_resumable, find_state, load_state
+
+
+@dataclass
+class TrainCallbacks:
+    """Optional hooks; each is called in the training thread."""
+
+    on_step: Callable[[int, float], None] | None = None     # (step, loss) after every optimizer step
+    on_sample: Callable[[int, Path], None] | None = None    # (step, sample grid PNG)
+    on_save: Callable[[int, Path], None] | None = None      # (step, LoRA file)
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    steps_done: int
+    losses: list[float]
+    run_dir: Path
+    stopped: bool = False
+    trainable_params: int = 0
+    base_params: int = 0
+    samples: list[Path] = field(default_factory=list)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(1, self.base_params)
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def load_base(base: str, progress: ProgressCallback | None = None):
+    """A diffusers pipeline for ``base`` ("demo", a folder, a single file or a hub id)."""
+    try:
+        from ..models import load_pipeline  # written alongside; handles every kind of source
+    except ImportError:
+        if base == "demo":
+            from ..demo import load_demo_pipeline
+
+            return load_demo_pipeline(progress)
+        raise TrainingError(f"cannot load base model {base!r}: only the built-in 'demo' model can be loaded in this "
+                            "build (lora_studio.models is missing). Use --base demo.") from None
+    return load_pipeline(base).pipe
+
+
+def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
+    kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kw)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optimizer = 'adamw8bit' needs the bitsandbytes package, which is not installed. "
+                              "Install it (pip install bitsandbytes; it needs a GPU) or use optimizer 'adamw'.") from None
+        return bnb.optim.AdamW8bit(groups, **kw)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConfigError("optimizer = 'prodigy' needs the prodigyopt package, which is not installed. "
+                          "Install it (pip install prodigyopt) or use optimizer 'adamw'.") from None
+    return Prodigy(groups, **kw)  # Prodigy picks its own step size; learning rates near 1.0 are its usual setting
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        warnings.warn("mixed_precision 'fp16' needs a CUDA GPU; training in full precision on the CPU.", stacklevel=3)
+        mp = "no"
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: StopFlag | None = None,
+          callbacks: TrainCallbacks | None = None, pipeline=None) -> TrainResult:
+    """Train a LoRA as ``config`` says and write it under ``config.run_dir()``.
+
+    ``pipeline``: an already loaded base pipeline to train on instead of loading ``config.base``; its weights are
+    left exactly as they were (the LoRA layers are taken out again when training ends, however it ends).
+    """
+    cfg = config
+    cfg.validate()
+    if not cfg.data_dir:
+        raise ConfigError("data_dir is empty: give the folder of training images (--data DIR).")
+    callbacks = callbacks or TrainCallbacks()
+    run_dir = cfg.run_dir()
+
+    items = scan_images(cfg.data_dir, cfg.caption_extension, cfg.trigger_word)
+    pipe = pipeline if pipeline is not None else load_base(cfg.base, progress)
+    family = family_of_pipeline(pipe)
+    if family is Family.SDXL:
+        raise TrainingError(f"training on SDXL bases ({cfg.base!r}) is not supported yet: use an SD 1.x or SD 2.x "
+                            "base model for now.")
+    accelerator = _make_accelerator(cfg)
+    device = accelerator.device
+    batches = BucketBatches(items, cfg.batch_size, cfg.seed, cfg.resolution, cfg.enable_buckets,
+                            cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_step)
+    writer = RunWriter(cfg, run_dir, family, batches, tag_frequency(batches.items))
+    writer.start()
+
+    unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    for m in (unet, te, vae):
+        m.requires_grad_(False)
+    vae.to(device)
+    te.to(device)
+    unet.to(device)
+    torch.manual_seed(cfg.seed)
+    injected: list[InjectedLora] = []
+    try:
+        injected.append(inject_lora(unet, cfg, cfg.target_modules, "lora_unet_"))
+        if cfg.train_text_encoder:
+            injected.append(inject_lora(te, cfg, cfg.text_encoder_target_modules, "lora_te_"))
+        return _run(cfg, pipe, accelerator, device, injected, batches, writer, progress, stop, callbacks)
+    except torch.OutOfMemoryError as err:
+        raise TrainingError(f"out of GPU memory at batch_size {cfg.batch_size}, resolution {cfg.resolution}: "
+                            "lower batch_size or resolution, turn on gradient_checkpointing, or use mixed_precision "
+                            "'fp16'/'bf16'.") from err
+    finally:
+        for inj in injected:
+            remove_lora(inj)
+        unet.requires_grad_(False)
+        unet.eval()
+        te.eval()
+
+
+def _run(cfg: TrainConfig, pipe, accelerator, device, injected: list[InjectedLora], batches: BucketBatches,
+         writer: "RunWriter", progress, stop, callbacks: TrainCallbacks) -> TrainResult:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    unet, te = pipe.unet, pipe.text_encoder
+    unet_inj = injected[0]
+    te_inj = injected[1] if len(injected) > 1 else None
+    trainable = sum(p.numel() for inj in injected for p in inj.parameters())
+    base_params = count_parameters(unet) + (count_parameters(te) if te_inj else 0)
+    report(progress, "train", 0, cfg.steps, f"trainable parameters: {trainable:,} "
+           f"({100.0 * trainable / max(1, base_params):.3f}% of {base_params:,})",
+           trainable_params=trainable, base_params=base_params)
+
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if te_inj:
+            te.gradient_checkpointing_enable()
+    groups = [{"params": unet_inj.parameters(), "lr": cfg.learning_rate}]
+    if te_inj:
+        groups.append({"params": te_inj.parameters(), "lr": cfg.text_encoder_lr})
+    optimizer = _make_optimizer(cfg, groups)
+    sched_name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps else cfg.lr_scheduler
+    lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.steps)
+    models = [unet] + ([te] if te_inj else [])
+    prepared = accelerator.prepare(*models, optimizer)
+    unet_p, optimizer = prepared[0], prepared[-1]
+    te_p = prepared[1] if te_inj else te
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = cfg.prediction_type if cfg.prediction_type != "auto" else noise_scheduler.config.prediction_type
+    writer.prediction_type = prediction
+    latents = LatentCache(pipe.vae, batches.items, cfg.cache_latents, writer.run_dir / "latent-cache", progress)
+    texts = TextCache(pipe.tokenizer, te, device, enabled=cfg.cache_text_embeddings and not te_inj)
+
+    named = {f"{inj.prefix}::{k}": p for inj in injected for k, p in inj.named_parameters().items()}
+    step, losses, lrs = 0, [], []
+    if cfg.resume:
+        state_dir = find_state(cfg.resume, writer.run_dir)
+        adapter, torch_state, info = load_state(state_dir)
+        check_resumable(cfg, info.get("config", {}), state_dir)
+        missing = sorted(set(named) - set(adapter))
+        if missing:
+            raise TrainingError(f"state {state_dir} lacks LoRA weights for {missing[:3]}; it belongs to another run.")
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(adapter[k].to(p.device, p.dtype))
+        optimizer.load_state_dict(torch_state["optimizer"])
+        lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
+        if accelerator.scaler is not None and torch_state.get("scaler"):
+            accelerator.scaler.load_state_dict(torch_state["scaler"])
+        torch.set_rng_state(torch_state["rng_cpu"])
+        if torch.cuda.is_available() and torch_state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(torch_state["rng_cuda"])
+        step, losses, lrs = int(info["step"]), list(info["losses"]), list(info["lrs"])
+        report(progress, "train", step, cfg.steps, f"resumed from {state_dir} at step {step}")
+
+    def save_state() -> Path:
+        torch_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                       "rng_cpu": torch.get_rng_state(),
+                       "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        adapter = {k: p.detach().float().cpu() for k, p in named.items()}
+        return writer.save_state(step, adapter, torch_state, losses, lrs)
+
+    def modules():
+        return {k: m for inj in injected for k, m in to_kohya_modules(inj).items()}
+
+    accum, nproc, rank = cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    params = [p for inj in injected for p in inj.parameters()]
+    unet_p.train()
+    if te_inj:
+        te_p.train()
+    def one_step(step: int) -> float:
+        """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
+        step_loss = 0.0
+        for micro in range(accum):
+            micro_index = (step * accum + micro) * nproc + rank
+            _, idx = batches.batch(micro_index)
+            rng = random.Random(cfg.seed * 1_000_003 + micro_index)
+            captions = [transform_caption(batches.items[i].caption, rng, cfg.caption_dropout_rate, cfg.shuffle_tags,
+                                          cfg.keep_tokens, cfg.trigger_word) for i in idx]
+            x0 = latents.get(idx)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_index)
+            noise, t = sample_noise(x0, gen, noise_scheduler.config.num_train_timesteps, cfg.noise_offset)
+            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            sync = accelerator.no_sync(unet_p) if micro < accum - 1 and nproc > 1 else nullcontext()
+            with sync, accelerator.autocast():
+                states = encode_prompts(pipe.tokenizer, te_p, captions, device) if te_inj else texts.get(captions)
+                pred = unet_p(noisy, t, encoder_hidden_states=states).sample
+                loss = diffusion_loss(pred, x0, noise, t, noise_scheduler, prediction, cfg.min_snr_gamma)
+                if not torch.isfinite(loss):
+                    raise _NonFinite(float(loss))
+                accelerator.backward(loss / accum)
+            step_loss += float(loss.detach()) / accum
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    stopped = False
+    while step < cfg.steps:
+        if stop is not None and stop.requested:
+            stopped = True
+            break
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            step_loss = one_step(step)
+        except _NonFinite as err:
+            optimizer.zero_grad(set_to_none=True)
+            writer.finish(losses, lrs)
+            kept = f"the last good save is {writer.last_good}" if writer.last_good else "nothing had been saved yet"
+            raise TrainingError(f"the loss became {err.args[0]} at step {step + 1}; training stopped and {kept}. "
+                                f"Lower the learning rate (it is {cfg.learning_rate:g}), use mixed_precision 'bf16' "
+                                "or 'no' instead of 'fp16', or set max_grad_norm to 1.") from None
+        step += 1
+        losses.append(step_loss)
+        lrs.append(lr)
+        report(progress, "train", step, cfg.steps, f"loss {step_loss:.4f} lr {lr:.2e}", loss=step_loss, lr=lr)
+        if callbacks.on_step:
+            callbacks.on_step(step, step_loss)
+        if not accelerator.is_main_process:
+            continue
+        epoch_end = _epoch_ended(step, accum * nproc, batches.batches_per_epoch)
+        if step < cfg.steps and ((cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0)
+                                 or (cfg.save_every_n_epochs and epoch_end
+                                     and epoch_end % cfg.save_every_n_epochs == 0)):
+            path = writer.save_lora(modules(), step, final=False)
+            if callbacks.on_save:
+                callbacks.on_save(step, path)
+        if cfg.save_state_every_n_steps and step % cfg.save_state_every_n_steps == 0 and step < cfg.steps:
+            save_state()
+        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and cfg.sample_prompts:
+            unet_p.eval()
+            grid = writer.sample(pipe, step)
+            unet_p.train()
+            if callbacks.on_sample:
+                callbacks.on_sample(step, grid)
+
+    lora_path = writer.save_lora(modules(), step, final=not stopped)
+    if stopped:
+        save_state()
+    writer.finish(losses, lrs)
+    if callbacks.on_save:
+        callbacks.on_save(step, lora_path)
+    report(progress, "train", step, cfg.steps, f"{'stopped' if stopped else 'done'}: {lora_path}")
+    return TrainResult(lora_path, step, losses, writer.run_dir, stopped, trainable, base_params, writer.samples)
+
+
+def _epoch_ended(step: int, batches_per_step: int, batches_per_epoch: int) -> int:
+    """The number of the epoch that ended during ``step`` (1-based), or 0."""
+    before = ((step - 1) * batches_per_step) // batches_per_epoch
+    after = (step * batches_per_step) // batches_per_epoch
+    return after if after > before else 0

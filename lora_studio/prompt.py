@@ -1,0 +1,122 @@
+"""AUTOMATIC1111's LoRA prompt syntax: ``<lora:name:0.7>`` picks a LoRA from the LoRA folder at a strength.
+
+Accepted forms (``lyco`` works like ``lora``, as the LyCORIS extension spells it)::
+
+    <lora:name>              strength 1 for the UNet and the text encoder
+    <lora:name:0.7>          0.7 for both
+    <lora:name:0.7:0.3>      A1111's order: text encoder 0.7, UNet 0.3
+    <lora:name:te=0.7:unet=0.3>   the same, named
+
+Parsing is pure (no file system); ``resolve_requests`` then finds the files in a folder.
+The tag grammar is A1111's (``<kind:arg:arg...>``, ``key=value`` arguments); written by hand because no
+installed library parses it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+TAG_RE = re.compile(r"<(lora|lyco):([^>]*)>", re.IGNORECASE)
+NAMED_KEYS = ("te", "unet")
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One LoRA asked for in a prompt. ``strength`` is the UNet strength; ``te_strength`` is None when the
+    text encoder takes the same strength (the mixer's convention)."""
+
+    name: str
+    strength: float = 1.0
+    te_strength: float | None = None
+    tag: str = ""
+
+    @property
+    def effective_te(self) -> float:
+        return self.strength if self.te_strength is None else self.te_strength
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    prompt: str                      # the text with the tags removed (what the text encoder sees)
+    loras: tuple[LoraRequest, ...]
+
+
+def _number(text: str, tag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{tag}: {text!r} is not a number. Write strengths like <lora:name:0.7>.") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{tag}: strength {text!r} is not finite. Use a number such as 0.7 or -0.5.")
+    return value
+
+
+def _parse_tag(body: str, tag: str) -> LoraRequest:
+    parts = [p.strip() for p in body.split(":")]
+    name, args = parts[0], parts[1:]
+    if not name:
+        raise ConfigError(f"{tag} has no LoRA name. Write <lora:NAME:STRENGTH>.")
+    positional: list[float] = []
+    named: dict[str, float] = {}
+    for arg in args:
+        if "=" in arg:
+            key, _, value = arg.partition("=")
+            key = key.strip().lower()
+            if key not in NAMED_KEYS:
+                raise ConfigError(f"{tag}: unknown setting {key!r}. Known settings: {', '.join(NAMED_KEYS)} "
+                                  "(e.g. <lora:name:te=0.5:unet=1>).")
+            named[key] = _number(value.strip(), tag)
+        elif named:
+            raise ConfigError(f"{tag}: a plain number cannot follow a named setting. Put numbers first.")
+        else:
+            positional.append(_number(arg, tag))
+    if len(positional) > 2:
+        raise ConfigError(f"{tag} has {len(positional)} numbers; at most two are read (text encoder, UNet). "
+                          "Remove the rest.")
+    # A1111: the first number is the text-encoder multiplier, the second the UNet one (default: the first).
+    te = named.get("te", positional[0] if positional else 1.0)
+    unet = named.get("unet", positional[1] if len(positional) > 1 else te)
+    return LoraRequest(name, unet, None if te == unet else te, tag)
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"[ \t]{2,}", " ", text)
+    text = re.sub(r"\s+,", ",", text)
+    text = re.sub(r",(\s*,)+", ",", text)
+    return text.strip().strip(",").strip()
+
+
+def parse_prompt(text: str) -> ParsedPrompt:
+    """Split ``text`` into the plain prompt and the LoRA requests, in the order they appear.
+    A name asked for twice is an error (A1111 would apply it twice, which is rarely meant)."""
+    requests: list[LoraRequest] = []
+    for m in TAG_RE.finditer(text):
+        req = _parse_tag(m.group(2), m.group(0))
+        if any(r.name == req.name for r in requests):
+            first = next(r.tag for r in requests if r.name == req.name)
+            raise ConfigError(f"the prompt asks for LoRA {req.name!r} twice ({first} and {req.tag}). Keep one tag.")
+        requests.append(req)
+    return ParsedPrompt(_clean(TAG_RE.sub("", text)), tuple(requests))
+
+
+def strip_lora_tags(text: str) -> str:
+    """The prompt without its ``<lora:...>`` tags (what the text encoder should see)."""
+    return _clean(TAG_RE.sub("", text)) if TAG_RE.search(text) else text
+
+
+def resolve_requests(requests: tuple[LoraRequest, ...] | list[LoraRequest],
+                     folder: str | Path | None) -> list[tuple[LoraRequest, Path]]:
+    """Find each requested LoRA's file in ``folder``; an unknown name raises ``InputFileError`` that lists
+    what the folder holds."""
+    from .library import resolve
+
+    if requests and folder is None:
+        names = ", ".join(r.tag or r.name for r in requests)
+        raise ConfigError(f"the prompt asks for {names}, but no LoRA folder was given. "
+                          "Pass --lora-dir (or pick the folder in the app).")
+    return [(r, resolve(r.name, folder)) for r in requests]

@@ -1,20 +1,31 @@
 """Read and write LoRA files.
 
-This first part holds the in-memory shape every reader produces and the kohya/Civitai writer every producer
-(trainer, resize, merge, extract) uses. kohya's layout is written by hand on purpose: diffusers'
-``convert_state_dict_to_kohya`` writes SD1 text-encoder keys as ``lora_te1_`` and drops ``lora_alpha``.
+``read_lora(path)`` reads every common layout into one in-memory shape (``LoraFile`` of ``LoraModule`` keyed by
+kohya names): kohya/Civitai LoRA and LoCon, LyCORIS LoHa/LoKr (all factor forms) and DoRA, diffusers/peft
+(``unet.``/``text_encoder.``/``text_encoder_2.`` with ``lora_A``/``lora_B`` or older ``lora.down``/``lora.up``),
+SDXL ``lora_te1_``/``lora_te2_``. It only reads: mapping onto a model is ``keys.match_modules``, the math is
+``math.module_delta``. Written by hand because diffusers' reader rejects LoHa/LoKr and returns no factors.
+
+The kohya/Civitai writer every producer (trainer, resize, merge, extract) uses is here too. kohya's layout is
+written by hand on purpose: diffusers' ``convert_state_dict_to_kohya`` writes SD1 text-encoder keys as
+``lora_te1_`` and drops ``lora_alpha``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from ..fileio import save_safetensors_atomic
+from ..errors import FamilyMismatchError, LoraFormatError
+from ..family import Family, family_from_context_dim, family_from_metadata
+from ..fileio import load_safetensors, refuse_pickle, save_safetensors_atomic
+from .keys import KOHYA_PREFIXES, component_of_kohya_name, kohya_module_name, kohya_prefix_for, split_peft_key
 
 
 @dataclass
@@ -91,3 +102,243 @@ def kohya_metadata(*, family, rank: int, alpha: float, title: str, resolution: i
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     return meta
+
+
+# =========================================================================== reading
+KIND_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "full": "Full diff", "dora": "DoRA"}
+# Suffixes after "<kohya name>." and the kind they belong to.
+KOHYA_SUFFIXES = {
+    "lora_down.weight": "lora", "lora_up.weight": "lora", "lora_mid.weight": "lora",
+    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
+    "hada_t2": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr",
+    "lokr_w2_a": "lokr", "lokr_w2_b": "lokr", "lokr_t2": "lokr", "diff": "full",
+    "alpha": None, "dora_scale": None,
+}
+UNSUPPORTED_SUFFIXES = {"oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "oft_R": "LyCORIS BOFT",
+                        "a1.weight": "LyCORIS GLoRA", "b1.weight": "LyCORIS GLoRA", "on_input": "LyCORIS (IA)^3",
+                        "diff_b": "LyCORIS bias diff", "bias_indices": "LyCORIS sparse bias"}
+REQUIRED = {
+    "lora": [("lora_down.weight", "lora_up.weight")],
+    "loha": [("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")],
+    "lokr": [("lokr_w1",), ("lokr_w1_a", "lokr_w1_b")],  # and one of the w2 forms, checked below
+    "full": [("diff",)],
+}
+# Key fragments of LoRAs for model families LoRA Studio does not handle.
+FOREIGN_MARKERS = (
+    ("single_transformer_blocks", "FLUX"), ("double_blocks", "FLUX"), ("single_blocks", "FLUX"),
+    ("lora_transformer_", "FLUX/SD3 (a transformer model)"), ("lora_te3_", "SD3"),
+    ("joint_blocks", "SD3"), ("transformer.transformer_blocks", "a transformer (DiT) model such as SD3 or FLUX"),
+)
+
+
+@dataclass
+class LoraFile:
+    """One LoRA file, read: modules keyed by kohya name, the header metadata, the layout and the base family.
+
+    ``format`` is "kohya" (kohya/Civitai/LyCORIS keys) or "peft" (diffusers/peft keys). ``embeddings`` holds
+    token vectors some files carry (textual inversion); ``notes`` says what the reader had to decide.
+    """
+
+    path: Path
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str]
+    format: str
+    family: Family | None
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Kinds present, as labels ("LoRA", "LoCon", "LoHa", "LoKr", "DoRA", ...)."""
+        found = {m.kind for m in self.modules.values()}
+        labels = [KIND_LABELS[k] for k in KIND_LABELS if k in found]
+        if any("dora_scale" in m.tensors for m in self.modules.values()):
+            labels.append("DoRA")
+        return labels
+
+
+def _fail(path, what: str, keys: list[str]) -> LoraFormatError:
+    shown = ", ".join(keys[:6]) + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")
+    return LoraFormatError(f"{path}: {what}: {shown}.")
+
+
+def read_lora(path: str | os.PathLike) -> LoraFile:
+    """Read a LoRA file of any supported layout. Raises ``LoraFormatError`` (naming keys) for unknown schemes,
+    incomplete modules, rank 0 or non-finite weights, and ``FamilyMismatchError`` for non-SD families."""
+    p = Path(path)
+    refuse_pickle(p)
+    tensors, metadata = load_safetensors(p)
+    if not tensors:
+        raise LoraFormatError(f"{p} holds no tensors: it is not a LoRA file.")
+    _refuse_foreign(p, tensors, metadata)
+    keys = list(tensors)
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+        modules, embeddings, fmt = _group_kohya(p, tensors), {}, "kohya"
+    elif any(split_peft_key(k) for k in keys):
+        modules, embeddings, fmt = _group_peft(p, tensors, metadata), {}, "peft"
+    elif any(re.fullmatch(r"(unet|text_encoder):\d+:(up|down)", k) for k in keys):
+        raise LoraFormatError(
+            f"{p} is in the cloneofsimo/lora format (keys like 'unet:0:up', 'text_encoder:0:down' listed by "
+            "position, plus token vectors), not kohya or diffusers keys. LoRA Studio does not read that format; "
+            "convert it with cloneofsimo's tools or use a kohya/Civitai or diffusers LoRA.")
+    else:
+        raise _fail(p, "no key follows a known LoRA scheme (kohya 'lora_unet_'/'lora_te_' or diffusers/peft "
+                       "'unet.'/'text_encoder.' with lora_A/lora_B); first keys", sorted(keys))
+    nonfinite = [f"{m.name}.{s}" for m in modules.values() for s, t in m.tensors.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if nonfinite:
+        raise _fail(p, "non-finite weights (NaN or inf); the file is broken, download or export it again",
+                    nonfinite)
+    lf = LoraFile(p, modules, metadata, fmt, None, embeddings)
+    lf.family = _family(lf)
+    return lf
+
+
+def _refuse_foreign(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    for marker, label in FOREIGN_MARKERS:
+        hits = [k for k in tensors if marker in k]
+        if hits:
+            claimed = family_from_metadata(dict(metadata))
+            claim = (f" Its metadata claims {claimed.label}, but its keys and shapes say {label}; the keys win."
+                     if claimed else "")
+            raise FamilyMismatchError(
+                f"{p} is a LoRA for {label} (keys like {hits[0]}), not for Stable Diffusion 1.x/2.x/XL.{claim} "
+                "LoRA Studio mixes SD 1.x, SD 2.x and SDXL LoRAs only: use it with a tool for that model.")
+
+
+def _split_modules(p: Path, tensors: Mapping[str, torch.Tensor], names: Mapping[str, tuple[str, str]]
+                   ) -> dict[str, LoraModule]:
+    """Build modules from ``{key: (kohya name, kohya suffix)}``; checks completeness, shapes and rank."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, (name, suffix) in names.items():
+        groups.setdefault(name, {})[suffix] = tensors[key]
+    unsupported = [f"{n}.{s}" for n, g in groups.items() for s in g if s in UNSUPPORTED_SUFFIXES]
+    if unsupported:
+        kind = UNSUPPORTED_SUFFIXES[unsupported[0].split(".", 1)[1]]
+        raise _fail(p, f"uses {kind}, which LoRA Studio does not apply; keys", unsupported)
+    unknown = [f"{n}.{s}" for n, g in groups.items() for s in g if s not in KOHYA_SUFFIXES]
+    if unknown:
+        raise _fail(p, "keys with suffixes of no known LoRA kind", unknown)
+    return {name: _build_module(p, name, g) for name, g in sorted(groups.items())}
+
+
+def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
+    kinds = {KOHYA_SUFFIXES[s] for s in g} - {None}
+    if len(kinds) != 1:
+        what = "only alpha/dora_scale, no weights" if not kinds else f"tensors of several kinds ({sorted(kinds)})"
+        raise _fail(p, f"module {name} has {what}; keys", [f"{name}.{s}" for s in g])
+    kind = kinds.pop()
+    alpha = float(g["alpha"].float().reshape(-1)[0]) if "alpha" in g else None
+    tens = {s: t for s, t in g.items() if s != "alpha"}
+    missing = []
+    if kind == "lora":
+        missing = [s for s in ("lora_down.weight", "lora_up.weight") if s not in g]
+    elif kind == "loha":
+        missing = [s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if s not in g]
+    elif kind == "lokr":
+        for w in ("lokr_w1", "lokr_w2"):
+            if w not in g and not (f"{w}_a" in g and f"{w}_b" in g):
+                missing.append(f"{w} (or {w}_a and {w}_b)")
+    if missing:
+        have = ", ".join(f"{name}.{s}" for s in g)
+        raise LoraFormatError(f"{p}: module {name} is incomplete: it has {have} but no "
+                              f"{', '.join(missing)}. The file is damaged or of an unknown variant.")
+    if kind == "lora":
+        down, up = g["lora_down.weight"], g["lora_up.weight"]
+        rank = int(down.shape[0])
+        if rank == 0 or up.dim() < 2 or int(up.shape[1]) != rank:
+            raise LoraFormatError(f"{p}: module {name} has lora_down {tuple(down.shape)} and lora_up "
+                                  f"{tuple(up.shape)}: {'rank 0' if rank == 0 else 'the ranks disagree'}.")
+        kind = "locon" if down.dim() == 4 else "lora"
+    elif kind == "loha":
+        rank = int(g["hada_w1_b"].shape[0])
+    elif kind == "lokr":
+        rank = int(g["lokr_w1_b"].shape[0]) if "lokr_w1_b" in g else (
+            int(g["lokr_w2_b"].shape[0]) if "lokr_w2_b" in g else 0)
+    else:
+        rank = 0
+    if kind in ("loha",) and rank == 0:
+        raise LoraFormatError(f"{p}: module {name} has rank 0 (hada_w1_b has shape {tuple(g['hada_w1_b'].shape)}).")
+    return LoraModule(name, kind, tens, alpha, rank)
+
+
+def _group_kohya(p: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, LoraModule]:
+    names, bad = {}, []
+    for key in tensors:
+        if not key.startswith(KOHYA_PREFIXES) or "." not in key:
+            bad.append(key)
+            continue
+        name, suffix = key.split(".", 1)
+        names[key] = (name, suffix)
+    if bad:
+        raise _fail(p, "keys outside the kohya scheme (lora_unet_/lora_te_/lora_te1_/lora_te2_)", bad)
+    return _split_modules(p, tensors, names)
+
+
+def _peft_alpha(metadata: Mapping[str, str], component: str, module: str) -> float | None:
+    """lora_alpha from diffusers' ``lora_adapter_metadata`` (peft LoraConfig fields prefixed by component)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    for pattern, value in (cfg.get(f"{component}.alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+            return float(value)
+    alpha = cfg.get(f"{component}.lora_alpha")
+    return float(alpha) if alpha is not None else None
+
+
+def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, LoraModule]:
+    split = {k: split_peft_key(k) for k in tensors}
+    bad = [k for k, v in split.items() if v is None]
+    if bad:
+        raise _fail(p, "keys outside the diffusers/peft scheme (unet./text_encoder. + lora_A/lora_B)", bad)
+    sdxl = any(v[0] == "text_encoder_2" for v in split.values())
+    names = {k: (kohya_module_name(kohya_prefix_for(c, sdxl), m), s) for k, (c, m, s) in split.items()}
+    modules = _split_modules(p, tensors, names)
+    for key, (comp, module, _) in split.items():
+        mod = modules[names[key][0]]
+        mod.extra["peft_name"] = f"{comp}.{module}"
+        if mod.alpha is None:
+            alpha = _peft_alpha(metadata, comp, module)
+            if alpha is not None:
+                mod.alpha = alpha
+    return modules
+
+
+def _family(lf: LoraFile) -> Family | None:
+    """Family from shapes (text-encoder width, cross-attention width, a second text encoder); metadata only
+    when shapes cannot tell (toy models). Shapes win over metadata; a disagreement is noted."""
+    from .math import natural_shape
+
+    evidence: set[Family] = set()
+    for name, mod in lf.modules.items():
+        comp = component_of_kohya_name(name)
+        if comp == "text_encoder_2":
+            evidence.add(Family.SDXL)
+            continue
+        try:
+            width = int(natural_shape(mod)[1])
+        except (KeyError, IndexError):
+            continue
+        if comp == "unet" and name.endswith(("attn2_to_k", "attn2_to_v")):
+            fam = family_from_context_dim(width)
+        elif comp == "text_encoder" and name.endswith(("q_proj", "k_proj", "v_proj")):
+            fam = {768: Family.SD1, 1024: Family.SD2, 1280: Family.SDXL}.get(width)
+        else:
+            fam = None
+        if fam is not None:
+            evidence.add(fam)
+    shape_family = next((f for f in (Family.SDXL, Family.SD2, Family.SD1) if f in evidence), None)
+    claimed = family_from_metadata(lf.metadata)
+    if shape_family is not None:
+        if claimed is not None and claimed != shape_family:
+            lf.notes.append(f"metadata claims {claimed.label}, but the shapes say {shape_family.label}; "
+                            f"using {shape_family.label}")
+        return shape_family
+    if claimed is not None:
+        lf.notes.append(f"family {claimed.label} taken from the metadata (the shapes do not tell)")
+    return claimed

@@ -1,0 +1,165 @@
+"""LoraMixer on the demo model: numerical truth against diffusers and the formula, exact restore,
+re-weighting without file reads, per-block weights, unmatched-key reporting and wrong-family refusal."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_factories import demo_or_random_pipeline, write_kohya_lora, write_lokr, write_sdxl_lora
+from lora_studio.errors import ConfigError, FamilyMismatchError, LoraFormatError
+from lora_studio.mix import LoraMixer
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    return demo_or_random_pipeline()
+
+
+@pytest.fixture()
+def pipe(base_pipe):
+    return copy.deepcopy(base_pipe)
+
+
+def params(pipe) -> dict[str, torch.Tensor]:
+    out = {}
+    for comp in ("unet", "text_encoder"):
+        for k, v in getattr(pipe, comp).state_dict().items():
+            out[f"{comp}.{k}"] = v.detach().clone()
+    return out
+
+
+def formula_weight(pipe, file, strength, component, module) -> torch.Tensor:
+    """W0 + s * alpha/r * up @ down, written out from the file's tensors (independent of lora_studio)."""
+    sd = load_file(str(file))
+    if component == "unet":
+        name = "lora_unet_" + module.replace(".", "_")
+    else:
+        name = "lora_te_text_model_" + module.replace(".", "_")
+    down, up = sd[f"{name}.lora_down.weight"].double(), sd[f"{name}.lora_up.weight"].double()
+    alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else down.shape[0]
+    w0 = getattr(pipe, component).get_submodule(module).weight.double()
+    delta = (up.flatten(1) @ down.flatten(1)).reshape(w0.shape) * alpha / down.shape[0]
+    return w0 + strength * delta
+
+
+def test_apply_equals_diffusers_fuse_and_formula(tmp_path, pipe):
+    file = write_kohya_lora(tmp_path / "style.safetensors", pipe, rank=4, alpha=2.0, conv=True)
+    reference = copy.deepcopy(pipe)
+    base = copy.deepcopy(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(file, strength=0.7)
+    mixer.apply()
+    reference.load_lora_weights(str(file))
+    reference.fuse_lora(lora_scale=0.7)
+    reference.unload_lora_weights()
+    ours, theirs, before = params(pipe), params(reference), params(base)
+    changed = [k for k in ours if not torch.equal(ours[k], before[k])]
+    assert len(changed) > 50  # attention, conv and text-encoder weights all moved
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=1e-5), k
+    for comp, module in [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
+                         ("unet", "up_blocks.1.resnets.0.conv1"), ("text_encoder", "encoder.layers.1.mlp.fc2")]:
+        got = getattr(pipe, comp).get_submodule(module).weight.double()
+        assert torch.allclose(got, formula_weight(base, file, 0.7, comp, module), atol=1e-6)
+
+
+def test_restore_is_bit_identical(tmp_path, pipe):
+    before = params(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(write_kohya_lora(tmp_path / "a.safetensors", pipe, conv=True), strength=1.3)
+    mixer.add(write_lokr(tmp_path / "b.safetensors", pipe, seed=1), strength=-0.6)
+    mixer.apply()
+    mixer.set_strength("a", unet=0.2)
+    mixer.apply()
+    assert any(not torch.equal(v, before[k]) for k, v in params(pipe).items())
+    mixer.restore()
+    after = params(pipe)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_reweighting_reads_no_file_and_mixes_linearly(tmp_path, pipe, monkeypatch):
+    import lora_studio.lora.formats as formats
+
+    reads = []
+    real = formats.load_safetensors
+    monkeypatch.setattr(formats, "load_safetensors", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    fa = write_kohya_lora(tmp_path / "a.safetensors", pipe, seed=1)
+    fb = write_kohya_lora(tmp_path / "b.safetensors", pipe, seed=2, alpha=None)
+    base = copy.deepcopy(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(fa, strength=0.5)
+    mixer.add(fb, strength=0.5)
+    assert len(reads) == 2
+    for sa, sb in [(1.0, -0.5), (0.25, 2.0), (0.0, 0.0)]:
+        mixer.set_strength("a", unet=sa, te=sa)
+        mixer.set_strength("b", unet=sb, te=sb)
+        mixer.apply()
+        module = "mid_block.attentions.0.transformer_blocks.0.attn1.to_v"
+        want = formula_weight(base, fa, sa, "unet", module) + formula_weight(base, fb, sb, "unet", module) \
+            - base.unet.get_submodule(module).weight.double()
+        assert torch.allclose(pipe.unet.get_submodule(module).weight.double(), want, atol=1e-6)
+    assert len(reads) == 2  # re-weighting used the factors kept in memory
+    base_params = params(base)
+    assert all(torch.equal(v, base_params[k]) for k, v in params(pipe).items())  # strengths 0 -> W0 exactly
+
+
+def test_te_strength_and_block_weights(tmp_path, pipe):
+    file = write_kohya_lora(tmp_path / "a.safetensors", pipe)
+    base = copy.deepcopy(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(file, strength=1.0, te_strength=0.0, block_weights={"down": 0.0, "up.1": 2.0, "mid": 0.5})
+    mixer.apply()
+    w = lambda p, m: p.unet.get_submodule(m).weight.double()
+    down = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    up0 = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    up1 = "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"
+    mid = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert torch.equal(w(pipe, down), w(base, down))
+    assert torch.allclose(w(pipe, up0), formula_weight(base, file, 1.0, "unet", up0), atol=1e-6)
+    assert torch.allclose(w(pipe, up1), formula_weight(base, file, 2.0, "unet", up1), atol=1e-6)
+    assert torch.allclose(w(pipe, mid), formula_weight(base, file, 0.5, "unet", mid), atol=1e-6)
+    te = params(pipe)
+    assert all(torch.equal(te[k], v) for k, v in params(base).items() if k.startswith("text_encoder."))
+    with pytest.raises(ConfigError, match="down.7"):
+        mixer.set_strength(mixer.entries[0].name, blocks={"down.7": 1.0})
+
+
+def test_unmatched_keys_are_reported_never_dropped(tmp_path, pipe):
+    from safetensors.torch import save_file
+
+    file = write_kohya_lora(tmp_path / "a.safetensors", pipe)
+    sd = load_file(str(file))
+    sd["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32)
+    sd["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 4)
+    save_file(sd, str(tmp_path / "extra.safetensors"))
+    mixer = LoraMixer(pipe)
+    with pytest.raises(LoraFormatError, match="lora_unet_down_blocks_9_attentions_0_proj_in"):
+        mixer.add(tmp_path / "extra.safetensors")
+    assert mixer.entries == []
+    name = mixer.add(tmp_path / "extra.safetensors", allow_partial=True)
+    entry = mixer.entries[0]
+    assert entry.unmatched == ["lora_unet_down_blocks_9_attentions_0_proj_in"]
+    assert entry.matched == len({k.split(".")[0] for k in sd}) - 1
+    report = mixer.report()
+    assert name in report and "1 unmatched" in report and "down_blocks_9" in report
+
+
+def test_wrong_family_is_refused_naming_both(tmp_path, pipe):
+    mixer = LoraMixer(pipe)
+    with pytest.raises(FamilyMismatchError) as err:
+        mixer.add(write_sdxl_lora(tmp_path / "xl.safetensors"))
+    assert "SDXL" in str(err.value) and "SD 1.x" in str(err.value)
+
+
+def test_lora_for_another_size_is_refused(tmp_path, pipe):
+    from lora_studio.fileio import save_safetensors_atomic
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_safetensors_atomic({f"{name}.lora_down.weight": torch.zeros(4, 320), f"{name}.lora_up.weight":
+                             torch.zeros(320, 4)}, tmp_path / "big.safetensors")
+    with pytest.raises(LoraFormatError, match="another size"):
+        LoraMixer(pipe).add(tmp_path / "big.safetensors")

@@ -246,7 +246,7 @@ def _run(cfg: TrainConfig, pipe, accelerator, device, injected: list[InjectedLor
                 pred = unet_p(noisy, t, encoder_hidden_states=states).sample
                 loss = diffusion_loss(pred, x0, noise, t, noise_scheduler, prediction, cfg.min_snr_gamma)
                 if not torch.isfinite(loss):
-                    raise _NonFinite(float(loss))
+                    raise _NonFinite(float(loss.detach()))
                 accelerator.backward(loss / accum)
             step_loss += float(loss.detach()) / accum
         if cfg.max_grad_norm > 0:

@@ -1,0 +1,156 @@
+"""The training loop's mechanics on the demo architecture (random weights, a few steps): outputs, kohya file
+loaded by diffusers, stop + resume equal to an uninterrupted run, non-finite loss, out of memory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lora_studio.train.trainer as trainer_mod
+from lora_studio.demo import make_demo_dataset, random_demo_pipeline
+from lora_studio.errors import TrainingError
+from lora_studio.fileio import load_safetensors
+from lora_studio.lora.keys import kohya_module_name
+from lora_studio.progress import StopFlag
+from lora_studio.train.config import TrainConfig
+from lora_studio.train.trainer import TrainCallbacks, train
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny-data"), count=4, repeats=2)
+
+
+def _cfg(data, out, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data), output_dir=str(out), run_name="run", resolution=64, min_bucket_reso=32,
+                max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=4.0, steps=3, batch_size=2,
+                learning_rate=1e-2, save_precision="fp32", seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _merge_by_hand(pipe, tensors: dict) -> None:
+    """W <- W + alpha/rank * up @ down for every module of a kohya file (the formula in DESIGN.md)."""
+    names = {kohya_module_name("lora_unet_", n): m for n, m in pipe.unet.named_modules()}
+    names.update({kohya_module_name("lora_te_", n): m for n, m in pipe.text_encoder.named_modules()})
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert downs
+    for key in downs:
+        base = key[: -len(".lora_down.weight")]
+        down, up, alpha = tensors[key], tensors[base + ".lora_up.weight"], tensors[base + ".alpha"]
+        with torch.no_grad():
+            names[base].weight += (alpha / down.shape[0]) * (up @ down)
+
+
+def test_outputs_and_diffusers_loads_the_kohya_file(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path, train_text_encoder=True, text_encoder_lr=5e-3, steps=2,
+               sample_every_n_steps=2, sample_prompts=["a red circle"], sample_steps=2)
+    pipe = random_demo_pipeline()
+    before = {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder")
+              for k, v in getattr(pipe, c).state_dict().items()}
+    res = train(cfg, pipeline=pipe)
+    after = {f"{c}.{k}": v for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    run = tmp_path / "run"
+    assert res.lora_path == run / "run.safetensors" and res.steps_done == 2 and not res.stopped
+    assert 0 < res.trainable_params and 0 < res.trainable_percent < 10
+    assert json.loads((run / "config.json").read_text())["train_text_encoder"] is True
+    rows = list(csv.DictReader((run / "loss.csv").open()))
+    assert [float(r["loss"]) for r in rows] == pytest.approx(res.losses, rel=1e-5)
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert res.samples == [run / "samples" / "step-000002.png"] and res.samples[0].exists()
+
+    tensors, meta = load_safetensors(res.lora_path)
+    te_key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    unet_key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    for key in (te_key, unet_key):
+        assert tensors[f"{key}.lora_down.weight"].shape[0] == 2
+        assert float(tensors[f"{key}.alpha"]) == 4.0
+    assert meta["ss_network_dim"] == "2" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_num_train_images"] == "8"
+    captions = [p.read_text() for p in sorted((tiny_data / "2_stripes").glob("*.txt"))]
+    assert json.loads(meta["ss_tag_frequency"]) == {"2_stripes": dict(Counter(captions))}
+
+    ours, theirs = random_demo_pipeline(), random_demo_pipeline()
+    _merge_by_hand(ours, tensors)
+    theirs.load_lora_weights(str(res.lora_path))
+    ids = ours.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([300])
+    with torch.no_grad():
+        te_ours, te_theirs = ours.text_encoder(ids)[0], theirs.text_encoder(ids)[0]
+        base_te = random_demo_pipeline().text_encoder(ids)[0]
+        torch.testing.assert_close(te_theirs, te_ours, rtol=1e-4, atol=1e-5)
+        assert (te_ours - base_te).abs().max() > 1e-4                        # the TE LoRA does something
+        torch.testing.assert_close(theirs.unet(x, t, encoder_hidden_states=te_ours).sample,
+                                   ours.unet(x, t, encoder_hidden_states=te_ours).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tiny_data, tmp_path):
+    knobs = dict(steps=4, lr_scheduler="cosine", lr_warmup_steps=1, shuffle_tags=True, caption_dropout_rate=0.3,
+                 lora_dropout=0.1, noise_offset=0.05, min_snr_gamma=5.0)
+    full = train(_cfg(tiny_data, tmp_path, run_name="full", **knobs), pipeline=random_demo_pipeline())
+
+    stop = StopFlag()
+    cb = TrainCallbacks(on_step=lambda step, loss: stop.request() if step == 2 else None)
+    cfg = _cfg(tiny_data, tmp_path, run_name="parts", **knobs)
+    first = train(cfg, stop=stop, callbacks=cb, pipeline=random_demo_pipeline())
+    assert first.stopped and first.steps_done == 2
+    assert first.lora_path.name == "parts-step000002.safetensors" and first.lora_path.exists()
+    assert (tmp_path / "parts" / "state" / "latest.json").exists()
+    second = train(cfg.replace(resume=True), pipeline=random_demo_pipeline())
+    assert second.steps_done == 4 and not second.stopped
+    assert second.losses == pytest.approx(full.losses, rel=1e-6)
+
+    a, _ = load_safetensors(full.lora_path)
+    b, _ = load_safetensors(second.lora_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-8), k
+    changed = load_safetensors(first.lora_path)[0]
+    assert any(not torch.equal(changed[k], a[k]) for k in a)               # the steps after the stop mattered
+
+    with pytest.raises(TrainingError, match="rank = 2.*rank = 3"):
+        train(cfg.replace(resume=True, rank=3), pipeline=random_demo_pipeline())
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(cfg.replace(resume=str(tmp_path / "nowhere")), pipeline=random_demo_pipeline())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_save(tiny_data, tmp_path, monkeypatch):
+    real, calls = trainer_mod.diffusion_loss, []
+
+    def poisoned(*args, **kw):
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", poisoned)
+    pipe = random_demo_pipeline()
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(TrainingError, match=r"nan at step 3.*run-step000002\.safetensors.*learning rate"):
+        train(_cfg(tiny_data, tmp_path, steps=5, save_every_n_steps=1), pipeline=pipe)
+    saved, _ = load_safetensors(tmp_path / "run" / "run-step000002.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "run" / "run.safetensors").exists()
+    assert all(torch.equal(weights[k], v) for k, v in pipe.unet.state_dict().items())  # base left clean
+
+
+def test_out_of_memory_becomes_advice(tiny_data, tmp_path, monkeypatch):
+    def oom(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", oom)
+    with pytest.raises(TrainingError, match="batch_size 2.*gradient_checkpointing"):
+        train(_cfg(tiny_data, tmp_path), pipeline=random_demo_pipeline())
+
+
+def test_sdxl_base_is_refused_clearly(tiny_data, tmp_path):
+    fake = SimpleNamespace(text_encoder_2=object(), unet=SimpleNamespace(config=SimpleNamespace(cross_attention_dim=2048)))
+    with pytest.raises(TrainingError, match="SDXL.*not supported yet"):
+        train(_cfg(tiny_data, tmp_path), pipeline=fake)

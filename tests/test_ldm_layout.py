@@ -138,3 +138,87 @@ def test_detect_accepts_real_and_toy_widths(te_key, te_shape, width, family):
     keys = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, width),
             te_key: te_shape}
     assert detect_family_from_ldm_keys(keys) is family
+
+
+def _meta_pipeline(family: Family):
+    """The real-size architecture from the shipped configs, on the meta device (no memory, no weights)."""
+    import types
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_studio.configs import config_dir
+
+    folder = config_dir(family)
+    with init_empty_weights():
+        parts = dict(
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
+            if family is Family.SDXL else None)
+    return types.SimpleNamespace(**parts)
+
+
+@pytest.mark.parametrize("family, model_type", [(Family.SD1, "v1"), (Family.SD2, "v2"), (Family.SDXL, "xl_base")])
+def test_real_size_layout_matches_diffusers_reader(family, model_type):
+    """At full SD1.5 / SD2.1 / SDXL size (meta tensors), diffusers' own ldm readers recognise the model type and
+    map every name back to the diffusers parameter of the same shape."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    pipe = _meta_pipeline(family)
+    sd = pipeline_to_ldm_state_dict(pipe, family)
+    assert detect_family_from_ldm_keys(sd) is family
+    assert sfu.infer_diffusers_model_type(sd) == model_type
+    for name, convert in (("unet", sfu.convert_ldm_unet_checkpoint), ("vae", sfu.convert_ldm_vae_checkpoint)):
+        module = getattr(pipe, name)
+        back = convert(sd, module.config)
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in back.items()} == want, name
+    encoders = [(pipe.text_encoder, "cond_stage_model.model." if family is Family.SD2 else None)]
+    if family is Family.SDXL:
+        encoders.append((pipe.text_encoder_2, "conditioner.embedders.1.model."))
+    for module, openclip_prefix in encoders:
+        want = {k.removeprefix("text_model."): tuple(v.shape) for k, v in module.state_dict().items()}
+        if openclip_prefix:
+            back = sfu.convert_open_clip_checkpoint(module, sd, prefix=openclip_prefix)
+        else:
+            back = sfu.convert_ldm_clip_checkpoint(sd)
+            back.pop("text_model.embeddings.position_ids")
+        assert {k.removeprefix("text_model."): tuple(v.shape) for k, v in back.items()} == want
+    if family is Family.SD2:  # written complete: 24 OpenCLIP blocks, the 24th an identity
+        assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in sd
+        assert tuple(sd["cond_stage_model.model.text_projection"].shape) == (1024, 1024)
+    counts = {p: sum(k.startswith(p) for k in sd) for p in ("model.diffusion_model.", "first_stage_model.")}
+    assert counts == {"model.diffusion_model.": 1680 if family is Family.SDXL else 686, "first_stage_model.": 248}
+
+
+def test_sd2_padding_block_is_an_identity():
+    """The 24th OpenCLIP block we add for a 23-block diffusers SD2 text encoder changes nothing it is applied to."""
+    from lora_studio.ldm.text import openclip_to_ldm
+
+    torch.manual_seed(0)
+    width = 16
+    layer = {"self_attn.q_proj": (width, width), "self_attn.k_proj": (width, width),
+             "self_attn.v_proj": (width, width), "self_attn.out_proj": (width, width),
+             "mlp.fc1": (4 * width, width), "mlp.fc2": (width, 4 * width)}
+    sd = {f"encoder.layers.0.{m}.weight": torch.randn(s) for m, s in layer.items()}
+    sd |= {f"encoder.layers.0.{m}.bias": torch.randn(s[0]) for m, s in layer.items()}
+    sd |= {f"encoder.layers.0.layer_norm{i}.{p}": torch.randn(width) for i in (1, 2) for p in ("weight", "bias")}
+    out, unmapped = openclip_to_ldm(sd, "m.", pad_to_layers=2)
+    assert not unmapped
+    block = {k.removeprefix("m.transformer.resblocks.1."): v for k, v in out.items() if ".resblocks.1." in k}
+    x = torch.randn(5, width)
+    h = torch.nn.functional.layer_norm(x, (width,), block["ln_1.weight"], block["ln_1.bias"])
+    attn = torch.nn.MultiheadAttention(width, 2, batch_first=True)
+    attn.load_state_dict({"in_proj_weight": block["attn.in_proj_weight"], "in_proj_bias": block["attn.in_proj_bias"],
+                          "out_proj.weight": block["attn.out_proj.weight"], "out_proj.bias": block["attn.out_proj.bias"]})
+    x1 = x + attn(h[None], h[None], h[None], need_weights=False)[0][0]
+    h2 = torch.nn.functional.layer_norm(x1, (width,), block["ln_2.weight"], block["ln_2.bias"])
+    mlp = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(
+        h2, block["mlp.c_fc.weight"], block["mlp.c_fc.bias"])), block["mlp.c_proj.weight"], block["mlp.c_proj.bias"])
+    assert torch.equal(x1 + mlp, x)
+    # and the fused q/k/v of the real block stacks q, k, v in that order
+    assert torch.equal(out["m.transformer.resblocks.0.attn.in_proj_weight"][width:2 * width],
+                       sd["encoder.layers.0.self_attn.k_proj.weight"])

@@ -1,0 +1,265 @@
+"""Load a base Stable Diffusion pipeline and tell its family (SD1 / SD2 / SDXL).
+
+Sources, in the order they are tried:
+
+* ``None`` or ``"demo"``: the built-in tiny demo model (SD1 structure).
+* a diffusers folder (with ``model_index.json``);
+* a single-file original-layout (ldm) ``.safetensors`` checkpoint, loaded fully offline with diffusers'
+  ``from_single_file`` and the config folders shipped in ``lora_studio/configs`` (or ``config_dir``);
+* a pickle checkpoint (``.ckpt``/``.pt``/``.bin``/``.pth``) only with ``allow_pickle=True``, and then with
+  ``torch.load(weights_only=True)`` (no code runs while reading);
+* a Hugging Face hub id (``owner/name``) from the local cache, or downloaded when ``local_files_only=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .configs import config_dir as shipped_config_dir
+from .configs import family_tokenizers
+from .errors import InputFileError, LoraStudioError
+from .family import Family, family_of_pipeline
+from .fileio import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header, refuse_pickle
+from .ldm import detect_family_from_ldm_keys
+from .progress import ProgressCallback, report
+
+Kind = Literal["diffusers", "single_file", "hub"]
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any                 # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    family: Family
+    source: str               # what the caller asked for ("demo", a path, a hub id)
+    kind: Kind
+
+
+def _pipeline_class(family: Family):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family is Family.SDXL else StableDiffusionPipeline
+
+
+def _sd_extras(cls) -> dict:
+    """Never load or require a safety checker (LoRA Studio renders locally for the user who runs it)."""
+    from diffusers import StableDiffusionPipeline
+
+    return {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+
+
+def _class_from_index(index: dict, where: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    name = str(index.get("_class_name", ""))
+    if name not in SUPPORTED_PIPELINES:
+        raise InputFileError(f"{where} is a {name or 'unknown'} model; LoRA Studio loads Stable Diffusion 1.x/2.x "
+                             "(StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) base models.")
+    return StableDiffusionXLPipeline if SUPPORTED_PIPELINES[name] == "sdxl" else StableDiffusionPipeline
+
+
+def _finish(pipe, source: str, kind: Kind, family: Family | None = None) -> LoadedModel:
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(pipe=pipe, family=family or family_of_pipeline(pipe), source=source, kind=kind)
+
+
+# --------------------------------------------------------------------------- diffusers folders and hub ids
+def _load_diffusers_folder(folder: Path, source: str, dtype: torch.dtype) -> LoadedModel:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        weights = sorted(p.name for p in folder.glob("*.safetensors"))[:3]
+        hint = f" It holds {', '.join(weights)}: give one of those files instead." if weights else ""
+        raise InputFileError(f"{folder} is a folder without model_index.json, so it is not a diffusers model.{hint} "
+                             "Give a diffusers model folder or a single .safetensors checkpoint.")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputFileError(f"{index_path} cannot be read as JSON ({err}). Download the model again.") from err
+    cls = _class_from_index(index, str(folder))
+    try:
+        pipe = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **_sd_extras(cls))
+    except LoraStudioError:
+        raise
+    except Exception as err:  # diffusers/transformers raise many types for missing or corrupt parts
+        raise InputFileError(f"could not load the diffusers model in {folder}: {err}. Check that every component "
+                             "folder (unet, vae, text_encoder, tokenizer, scheduler) is complete.") from err
+    return _finish(pipe, source, "diffusers")
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype, local_files_only: bool) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(repo_id, local_files_only=local_files_only)
+    except Exception as err:
+        if local_files_only:
+            raise InputFileError(
+                f"{repo_id!r} is not a local file or folder, and the hub model {repo_id!r} is not in the local "
+                "Hugging Face cache (LoRA Studio works offline by default). Download the model first "
+                f"(e.g. `hf download {repo_id}`), allow downloads, or give the path of a local diffusers "
+                "folder or .safetensors checkpoint.") from err
+        raise InputFileError(f"could not fetch {repo_id!r} from the Hugging Face hub: {err}. Check the name and "
+                             "your connection, or give a local path.") from err
+    cls = _class_from_index(index, repo_id)
+    try:
+        pipe = cls.from_pretrained(repo_id, torch_dtype=dtype, local_files_only=local_files_only, **_sd_extras(cls))
+    except Exception as err:
+        raise InputFileError(f"could not load hub model {repo_id!r}: {err}") from err
+    return _finish(pipe, repo_id, "hub")
+
+
+# --------------------------------------------------------------------------- single files
+def _check_config_dir(folder: Path, family: Family) -> Path:
+    if not (folder / "model_index.json").is_file():
+        raise InputFileError(f"config folder {folder} has no model_index.json. Give a diffusers model folder "
+                             f"(weights not needed) whose configs match this {family.label} checkpoint.")
+    return folder
+
+
+def _no_meta_weights(pipe, path: str) -> None:
+    """from_single_file leaves parameters on the meta device when the file lacks them: say which part is missing."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        missing = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
+        if missing:
+            raise InputFileError(f"{path} has no weights for the {name} ({len(missing)} tensors, e.g. {missing[0]}). "
+                                 "It is incomplete: use a full checkpoint.")
+
+
+def _apply_prediction_type(pipe, metadata: dict[str, str]) -> None:
+    """Honour a ``modelspec.prediction_type`` the file declares (SD2 512-base is epsilon, 768 is v)."""
+    declared = metadata.get("modelspec.prediction_type", "").strip().lower()
+    wanted = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}.get(declared)
+    if wanted and pipe.scheduler.config.get("prediction_type") != wanted:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=wanted)
+
+
+def _from_single_file(path: Path, family: Family, source: str, dtype: torch.dtype, config_dir: Path | None,
+                      metadata: dict[str, str]) -> LoadedModel:
+    cfg = _check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
+    cls = _pipeline_class(family)
+    # The shipped configs hold no tokenizer files (one shared CLIP vocabulary): pass the tokenizers in.
+    tokenizers = {} if (cfg / "tokenizer").is_dir() else family_tokenizers(family)
+    try:
+        pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True, torch_dtype=dtype,
+                                    **tokenizers, **_sd_extras(cls))
+    except LoraStudioError:
+        raise
+    except Exception as err:
+        raise InputFileError(
+            f"{source} looks like a {family.label} checkpoint but could not be loaded with the {family.label} "
+            f"configs in {cfg}: {err}. If it is a non-standard model, pass a config folder that matches it "
+            "(config_dir / --config).") from err
+    _no_meta_weights(pipe, source)
+    _apply_prediction_type(pipe, metadata)
+    return _finish(pipe, source, "single_file", family)
+
+
+def _load_safetensors_file(path: Path, source: str, dtype: torch.dtype, config_dir: Path | None) -> LoadedModel:
+    header, metadata = read_safetensors_header(path)
+    family = detect_family_from_ldm_keys(header, source)
+    return _from_single_file(path, family, source, dtype, config_dir, metadata)
+
+
+def _load_pickle_file(path: Path, source: str, dtype: torch.dtype, config_dir: Path | None) -> LoadedModel:
+    """Read with weights_only=True (fileio), keep the SD parts, and hand diffusers a temporary safetensors copy."""
+    from safetensors.torch import save_file
+
+    tensors, _ = load_state_dict(path, allow_pickle=True)
+    tensors = {k: v for k, v in tensors.items() if k.startswith(LDM_PREFIXES)}
+    family = detect_family_from_ldm_keys(tensors, source)
+    seen: set[int] = set()
+    for key, t in tensors.items():  # safetensors refuses tensors that share storage
+        ptr = t.untyped_storage().data_ptr()
+        tensors[key] = t.clone().contiguous() if ptr in seen else t.contiguous()
+        seen.add(ptr)
+    with tempfile.TemporaryDirectory(prefix="lora-studio-ckpt-") as tmp:
+        tmp_file = Path(tmp) / (path.stem + ".safetensors")
+        save_file(tensors, str(tmp_file))
+        del tensors
+        return _from_single_file(tmp_file, family, source, dtype, config_dir, {})
+
+
+# --------------------------------------------------------------------------- entry point
+def load_pipeline(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+                  config_dir: str | Path | None = None, local_files_only: bool = True,
+                  progress: ProgressCallback | None = None) -> LoadedModel:
+    """Load a base pipeline from ``source`` (see the module docstring) and report its family.
+
+    Every user mistake (missing path, folder without ``model_index.json``, corrupt or truncated file,
+    pickle without ``allow_pickle``, unsupported model, hub id while offline) raises ``InputFileError``
+    (``UnsafeFileError`` for pickles) with a message that says what to do.
+    """
+    report(progress, "load", 0, 1, f"loading {source or 'demo'}")
+    if source is None or str(source).strip().lower() == "demo":
+        from .demo import ensure_demo_model
+
+        loaded = _load_diffusers_folder(ensure_demo_model(progress), "demo", dtype)
+        loaded.family = Family.SD1
+    else:
+        text = str(source).strip()
+        path = Path(text).expanduser()
+        cfg = Path(config_dir).expanduser() if config_dir else None
+        if path.is_dir():
+            loaded = _load_diffusers_folder(path, text, dtype)
+        elif path.is_file():
+            suffix = path.suffix.lower()
+            if suffix == ".safetensors":
+                loaded = _load_safetensors_file(path, text, dtype, cfg)
+            elif suffix in PICKLE_SUFFIXES:
+                refuse_pickle(path, allow_pickle)
+                loaded = _load_pickle_file(path, text, dtype, cfg)
+            else:
+                raise InputFileError(f"{path} is a {suffix or 'suffix-less'} file; a base model is a diffusers "
+                                     "folder or a .safetensors checkpoint.")
+        elif _HUB_ID.match(text) and not text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+            loaded = _load_hub(text, dtype, local_files_only)
+        else:
+            raise InputFileError(f"{text} does not exist. Check the path (a diffusers folder or a .safetensors "
+                                 "checkpoint), or use 'demo' for the built-in demo model.")
+    report(progress, "load", 1, 1, f"loaded {loaded.family.label} model ({loaded.kind})")
+    return loaded
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What a single-file checkpoint is, from its header only (no tensors are read), for the inspector.
+
+    Returns ``{"path", "kind": "single_file", "family": Family | None, "family_error": str | None,
+    "tensors": int, "parameters": int, "size_bytes": int, "dtypes": {dtype: count}, "dtype": most common,
+    "components": {prefix: count}, "metadata": {str: str}}``. A file that is not a base checkpoint still
+    describes (``family`` None, ``family_error`` says why); an unreadable one raises ``InputFileError``.
+    """
+    p = Path(path).expanduser()
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(p, allow_pickle=False)
+    header, metadata = read_safetensors_header(p)
+    dtypes: dict[str, int] = {}
+    params = 0
+    for info in header.values():
+        dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
+        n = 1
+        for d in info["shape"]:
+            n *= int(d)
+        params += n
+    components = {prefix.rstrip("."): sum(k.startswith(prefix) for k in header) for prefix in LDM_PREFIXES}
+    try:
+        family, family_error = detect_family_from_ldm_keys(header, str(p)), None
+    except InputFileError as err:
+        family, family_error = None, str(err)
+    return {
+        "path": str(p), "kind": "single_file", "family": family, "family_error": family_error,
+        "tensors": len(header), "parameters": params, "size_bytes": p.stat().st_size, "dtypes": dtypes,
+        "dtype": max(dtypes, key=dtypes.get) if dtypes else None,
+        "components": {k: v for k, v in components.items() if v}, "metadata": metadata,
+    }

@@ -78,35 +78,52 @@ def _load_base(base, config_dir, progress):
     return pipe, getattr(base, "family", None) or family_of_pipeline(pipe), None
 
 
-def merge_into_pipeline(pipe, loras: Sequence[tuple[str | os.PathLike, float]],
-                        progress: ProgressCallback | None = None,
-                        backup: dict | None = None) -> tuple[list[dict], int]:
-    """Fuse the LoRAs into ``pipe``'s weights in place (fp32 arithmetic, result cast to each weight's dtype).
+def _mixer_on(pipe, loras):
+    """A ``LoraMixer`` on ``pipe`` holding ``loras``: (path, strength) pairs, or another mixer's entries (same
+    LoRA files, strengths, text-encoder strengths and block weights; the files are not read again)."""
+    from .mix import LoraMixer
 
-    Every module of every file must land on a layer of the pipeline; otherwise nothing is changed and a
-    ``LoraFormatError`` lists the modules (a partial merge is never done silently). Returns
-    ``(merged-file records, number of layers changed)``. If ``backup`` is a dict, each changed weight's original
-    is stored there (weight tensor -> copy) so ``restore_weights`` can undo the merge.
+    mixer = LoraMixer(pipe)
+    if isinstance(loras, LoraMixer):
+        for e in loras.entries:
+            mixer.add(e.lora, name=e.name, strength=e.strength, te_strength=e.te_strength,
+                      block_weights=dict(e.block_weights))
+    else:
+        for path, strength in loras:
+            mixer.add(path, strength=float(strength))
+    return mixer
+
+
+def _records(mixer) -> list[dict]:
+    out = []
+    for e in mixer.entries:
+        rec = {"name": e.path.name if e.path else e.name, "strength": e.strength,
+               "sha256": file_sha256(e.path) if e.path and e.path.is_file() else None, "modules": e.matched}
+        if e.te_strength is not None:
+            rec["te_strength"] = e.te_strength
+        if e.block_weights:
+            rec["block_weights"] = e.block_weights
+        out.append(rec)
+    return out
+
+
+def merge_into_pipeline(pipe, loras, progress: ProgressCallback | None = None,
+                        backup: dict | None = None) -> tuple[list[dict], int]:
+    """Fuse LoRAs into ``pipe``'s weights in place: ``W = W0 + sum(coefficient * delta)`` in fp32, the result
+    cast to each weight's dtype. ``loras`` is a list of (path, strength) or a ``LoraMixer`` whose entries to use.
+
+    The coefficients come from ``LoraMixer`` (strength, text-encoder strength, block weights), so the file
+    equals the live mix; the fusing is done here, without the mixer's copy of every original weight, to keep
+    peak memory near one model. Every module must land on a layer, or ``LoraFormatError`` lists those that do
+    not before anything changes. If ``backup`` is a dict, each changed weight's original is stored there
+    (weight tensor -> copy) so ``restore_weights`` can undo the merge. Returns (records, layers changed).
     """
-    from .errors import LoraFormatError
-    from .lora.formats import read_lora
-    from .lora.keys import match_modules, pipeline_components
+    from .lora.keys import pipeline_components
     from .lora.math import module_delta
 
+    mixer = _mixer_on(pipe, loras)
     comps = pipeline_components(pipe)
-    plan: dict[tuple[str, str], list[tuple[object, float]]] = {}
-    records = []
-    for path, strength in loras:
-        lf = read_lora(path)
-        match = match_modules(lf, pipe)
-        if match.unmatched:
-            shown = ", ".join(match.unmatched[:5]) + (" ..." if len(match.unmatched) > 5 else "")
-            raise LoraFormatError(f"{path}: {len(match.unmatched)} of {len(lf.modules)} modules have no layer in "
-                                  f"the base model ({shown}); nothing was merged. Use a LoRA made for this base.")
-        for kname, target in match.matched.items():
-            plan.setdefault(target, []).append((lf.modules[kname], float(strength)))
-        records.append({"name": Path(path).name, "strength": float(strength), "sha256": file_sha256(path),
-                        "modules": len(match.matched), "format": lf.format})
+    plan = mixer.contributions()
     with torch.no_grad():
         for i, ((comp, mname), items) in enumerate(sorted(plan.items()), 1):
             weight = comps[comp].get_submodule(mname).weight
@@ -114,11 +131,12 @@ def merge_into_pipeline(pipe, loras: Sequence[tuple[str | os.PathLike, float]],
                 backup[weight] = weight.detach().clone()
             w0 = weight.detach().to(torch.float32)
             total = w0.clone()
-            for mod, strength in items:
-                total += strength * module_delta(mod, tuple(w0.shape), base=w0)
+            for coeff, mod in items:
+                if coeff != 0.0:
+                    total.add_(module_delta(mod, tuple(w0.shape), base=w0), alpha=coeff)
             weight.copy_(total.to(weight.dtype))
             report(progress, "merge", i, len(plan), mname)
-    return records, len(plan)
+    return _records(mixer), len(plan)
 
 
 def restore_weights(backup: dict) -> None:
@@ -191,10 +209,14 @@ def _replace_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def export_merged_checkpoint(base, loras: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike, *,
+def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                              fmt: str = "single_file", dtype: str = "fp16", config_dir: str | None = None,
                              progress: ProgressCallback | None = None) -> ExportResult:
-    """Fuse ``loras`` (path, strength) into ``base`` and write ``out``.
+    """Fuse ``loras`` into ``base`` and write ``out``.
+
+    ``loras`` is a list of (path, strength) or a ``LoraMixer`` (the live mix of the UI: its strengths,
+    text-encoder strengths and block weights are used; its own pipeline is left as it is). ``base=None`` with a
+    mixer means the mixer's pipeline (with its weights put back to W0 for the merge and re-applied after).
 
     ``base`` is a model path (loaded here, in fp32, and then consumed: its weights are merged and converted in
     place) or an already loaded pipeline / ``LoadedModel`` (then it is left unchanged: its weights are restored
@@ -214,12 +236,26 @@ def export_merged_checkpoint(base, loras: Sequence[tuple[str | os.PathLike, floa
                           "(or pass --format diffusers to write a folder).")
     if isinstance(base, (str, os.PathLike)) and Path(base).resolve() == out.resolve():
         raise ConfigError(f"--out {out} is the base model itself; choose another name so the base stays intact.")
-    for path, _ in loras:
-        if not Path(path).is_file():
-            raise InputFileError(f"LoRA file {path} does not exist. Check the path.")
+    from .mix import LoraMixer
+
+    live = loras if isinstance(loras, LoraMixer) else None
+    if live is None:
+        for path, _ in loras:
+            if not Path(path).is_file():
+                raise InputFileError(f"LoRA file {path} does not exist. Check the path.")
+    if base is None:
+        if live is None:
+            raise ConfigError("export needs a base model: pass its path (or a loaded pipeline).")
+        base = live.pipe
+    if fmt == "diffusers" and not isinstance(base, (str, os.PathLike)):
+        raise ConfigError("a diffusers-folder export needs the base model's path (the model is loaded afresh and "
+                          "converted in place); pass the path instead of a loaded pipeline.")
     t0 = time.monotonic()
     pipe, family, source = _load_base(base, config_dir, progress)
     owned = source is not None
+    reapply = live is not None and pipe is live.pipe
+    if reapply:
+        live.restore()  # the merge starts from W0; the live mix is applied again afterwards
     backup = None if owned else {}  # the caller's pipeline gets its weights back (only merged layers are copied)
     try:
         records, changed = merge_into_pipeline(pipe, loras, progress, backup)
@@ -237,9 +273,6 @@ def export_merged_checkpoint(base, loras: Sequence[tuple[str | os.PathLike, floa
             del sd
             size = out.stat().st_size
         else:
-            if not owned:
-                raise ConfigError("a diffusers-folder export needs the base model's path (it converts the model "
-                                  "in place); pass the path instead of a loaded pipeline.")
             _convert_in_place(pipe, torch_dtype, progress)
             _check_finite(((f"{c}.{n}", p) for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)
                            for n, p in m.state_dict().items()), str(out))
@@ -250,6 +283,8 @@ def export_merged_checkpoint(base, loras: Sequence[tuple[str | os.PathLike, floa
     finally:
         if backup is not None:
             restore_weights(backup)
+        if reapply:
+            live.apply()
     return ExportResult(out, fmt, dtype, family, records, changed, time.monotonic() - t0, size)
 
 

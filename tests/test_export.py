@@ -84,7 +84,8 @@ def load_single_file(family, path, cfg):
     return cls.from_single_file(str(path), config=str(cfg), local_files_only=True, torch_dtype=torch.float32)
 
 
-@pytest.mark.parametrize("family", [Family.SD1, Family.SDXL], ids=lambda f: f.value)
+@pytest.mark.parametrize("family", [Family.SD1, pytest.param(Family.SDXL, marks=pytest.mark.slow)],
+                         ids=lambda f: f.value)
 def test_single_file_round_trip_equals_live_merge(family, tmp_path):
     from lora_studio.export import export_merged_checkpoint
 
@@ -179,3 +180,59 @@ def test_lora_for_another_model_is_refused_before_writing(tmp_path):
     with pytest.raises(LoraFormatError, match="no_such_block"):
         export_merged_checkpoint(pipe, [(tmp_path / "odd.safetensors", 1.0)], tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_export_of_the_live_mix_keeps_block_and_text_encoder_weights(tmp_path):
+    from lora_studio.export import export_merged_checkpoint
+    from lora_studio.mix import LoraMixer
+
+    pipe = tiny_pipeline(Family.SD1)
+    cfg = tiny_config_dir(Family.SD1, tmp_path / "config", pipe)
+    make_lora(pipe, tmp_path / "a.safetensors", seed=1)
+    make_lora(pipe, tmp_path / "b.safetensors", seed=2)
+    mixer = LoraMixer(pipe)
+    mixer.add(tmp_path / "a.safetensors", strength=0.9, te_strength=0.2, block_weights={"up": 0.0})
+    mixer.add(tmp_path / "b.safetensors", strength=0.4)
+    mixer.apply()
+    live_unet, live_text = unet_out(pipe), text_out(pipe.text_encoder)
+    res = export_merged_checkpoint(None, mixer, tmp_path / "live.safetensors", dtype="fp32")
+    assert torch.equal(unet_out(pipe), live_unet)  # the mix is still applied afterwards
+    back = load_single_file(Family.SD1, res.out, cfg)
+    assert torch.allclose(unet_out(back), live_unet, atol=1e-5)
+    assert torch.allclose(text_out(back.text_encoder), live_text, atol=1e-5)
+    rec = json.loads(read_safetensors_header(res.out)[1]["lora_studio.merged_loras"])
+    assert rec[0]["te_strength"] == 0.2 and rec[0]["block_weights"] == {"up": 0.0}
+    mixer.restore()
+    assert not torch.allclose(unet_out(pipe), live_unet, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_diffusers_folder_export_from_a_single_file_base_and_cli(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from lora_studio.cli.main import main
+    from lora_studio.export import MERGE_INFO_FILE, export_merged_checkpoint
+
+    pipe = tiny_pipeline(Family.SD1)
+    cfg = tiny_config_dir(Family.SD1, tmp_path / "config", pipe)
+    base = write_ldm_checkpoint(pipe, tmp_path / "base.safetensors", {"modelspec.title": "tiny base"})
+    a = make_lora(pipe, tmp_path / "a.safetensors", seed=1)
+    reference_merge(pipe, [(a, 0.7)])
+    out = tmp_path / "merged-diffusers"
+    (out / "stale").mkdir(parents=True)  # an earlier export is replaced as a whole
+    res = export_merged_checkpoint(str(base), [(tmp_path / "a.safetensors", 0.7)], out, fmt="diffusers",
+                                   dtype="fp32", config_dir=str(cfg))
+    assert res.out == out and not (out / "stale").exists()
+    assert json.loads((out / MERGE_INFO_FILE).read_text())["merged_loras"][0]["strength"] == 0.7
+    back = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert torch.allclose(unet_out(back), unet_out(pipe), atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
+
+    rc = main(["export", "--base", str(base), "--lora", f"{tmp_path / 'a.safetensors'}:0.7",
+               "--out", str(tmp_path / "cli.safetensors"), "--dtype", "fp32", "--config-dir", str(cfg)])
+    assert rc == 0 and "merged a.safetensors:0.7" in capsys.readouterr().out
+    _, meta = read_safetensors_header(tmp_path / "cli.safetensors")
+    assert meta["modelspec.title"] == "cli"
+    back = load_single_file(Family.SD1, tmp_path / "cli.safetensors", cfg)
+    assert torch.allclose(unet_out(back), unet_out(pipe), atol=1e-5)
+    assert main(["export", "--lora", "x.safetensors", "--out", str(tmp_path / "y.safetensors")]) == 2

@@ -1,13 +1,123 @@
-"""`python -m lora_studio train` (not built yet)."""
+"""``python -m lora_studio train``: train a LoRA from an image folder.
+
+Settings come from a preset (``--preset demo-cpu``) or a JSON file (``--config``), then the named options,
+then ``--set key=value`` for any other TrainConfig key. Ctrl-C (SIGINT) or SIGTERM asks the trainer to stop:
+it saves the LoRA and a resumable state, and ``--resume`` continues from there.
+"""
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
+
+from ..errors import ConfigError
+from ..progress import StopFlag, text_progress
+
+# option name -> TrainConfig key, for the options that have their own flag
+FLAGS = {"data": "data_dir", "base": "base", "steps": "steps", "rank": "rank", "alpha": "alpha",
+         "lr": "learning_rate", "te_lr": "text_encoder_lr", "batch_size": "batch_size", "resolution": "resolution",
+         "output_dir": "output_dir", "run_name": "run_name", "output_name": "output_name",
+         "trigger": "trigger_word", "seed": "seed", "mixed_precision": "mixed_precision",
+         "save_every": "save_every_n_steps", "save_state_every": "save_state_every_n_steps",
+         "sample_every": "sample_every_n_steps", "sample_prompt": "sample_prompts", "init": "init"}
+
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="(not built yet)")
-    p.set_defaults(func=_run)
+    p = sub.add_parser("train", help="train a LoRA from a folder of images (+ .txt captions)",
+                       description="Train a LoRA. Example: python -m lora_studio train --data outputs/demo/dataset "
+                                   "--base demo --preset demo-cpu")
+    p.add_argument("--data", help="folder of training images (recursive; kohya 'N_name' folders give N repeats)")
+    p.add_argument("--base", help="base model: 'demo', a diffusers folder, a .safetensors checkpoint or a hub id")
+    p.add_argument("--preset", help="a preset name from presets/ (e.g. demo-cpu, style-sd15) or a .json path")
+    p.add_argument("--config", help="a TrainConfig JSON file (e.g. the config.json of an earlier run)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--lr", type=float, help="UNet LoRA learning rate")
+    p.add_argument("--te-lr", type=float, help="text-encoder LoRA learning rate (with --train-text-encoder)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--output-dir", help="where run folders go (default outputs/)")
+    p.add_argument("--run-name", help="the run folder's name (default: the data folder's name)")
+    p.add_argument("--output-name", help="the LoRA file name without .safetensors (default: the run name)")
+    p.add_argument("--trigger", help="trigger word put in front of every caption")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--init", choices=["gaussian", "pissa"])
+    p.add_argument("--save-every", type=int, help="write the LoRA every N steps")
+    p.add_argument("--save-state-every", type=int, help="write a resumable state every N steps")
+    p.add_argument("--sample-every", type=int, help="render sample images every N steps")
+    p.add_argument("--sample-prompt", action="append", help="a sample prompt (repeat for several)")
+    p.add_argument("--train-text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE",
+                   help="continue the run's latest saved state (or the given state/run folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig setting; VALUE is JSON (e.g. --set min_snr_gamma=5 "
+                        "--set 'target_modules=[\"to_q\",\"to_v\"]')")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+    p.set_defaults(func=run)
 
 
-def _run(args) -> int:
-    print("'train' is not built yet", flush=True)
-    return 1
+def build_config(args):
+    from ..train.config import TrainConfig, load_preset
+
+    if args.preset and args.config:
+        raise ConfigError("give either --preset or --config, not both.")
+    cfg = load_preset(args.preset) if args.preset else TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    changes = {}
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            changes[key] = value
+    if args.train_text_encoder:
+        changes["train_text_encoder"] = True
+    if args.resume is not None:
+        changes["resume"] = args.resume
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set min_snr_gamma=5.")
+        try:
+            changes[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            changes[key.strip()] = raw  # a bare word is a string: --set lr_scheduler=cosine
+    return cfg.replace(**changes)
+
+
+def run(args) -> int:
+    cfg = build_config(args)
+    if args.print_config:
+        print(cfg.to_json(), end="")
+        return 0
+    if not cfg.data_dir:
+        raise ConfigError("no training folder: pass --data DIR (a folder of images with .txt captions).")
+    from ..train.trainer import TrainCallbacks, train
+
+    stop = StopFlag()
+    got: list[int] = []
+
+    def on_signal(signum, frame):
+        if got:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        got.append(signum)
+        print("\nstopping after this step; saving the LoRA and a resumable state (Ctrl-C again to abort)...",
+              file=sys.stderr, flush=True)
+        stop.request()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        callbacks = TrainCallbacks(on_sample=lambda step, path: print(f"\nsamples: {path}", file=sys.stderr))
+        result = train(cfg, progress=text_progress(), stop=stop, callbacks=callbacks)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    print(f"LoRA: {result.lora_path}")
+    print(f"run folder: {result.run_dir} (loss.csv, loss.png, config.json, samples/)")
+    print(f"steps: {result.steps_done}/{cfg.steps}; trainable parameters: {result.trainable_params:,} "
+          f"({result.trainable_percent:.3f}% of the base)")
+    if result.stopped:
+        print(f"stopped early; continue with: python -m lora_studio train --config {result.run_dir / 'config.json'} "
+              "--resume")
+        return 128 + got[0] if got else 1
+    return 0

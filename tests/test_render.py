@@ -88,6 +88,7 @@ def test_sampler_table_builds_the_named_scheduler(name):
     assert sched.config.beta_schedule == base.beta_schedule
 
 
+@pytest.mark.slow
 def test_every_sampler_renders(pipe):
     """Each table entry runs through the pipeline at few steps (PNDM, for one, needs skip_prk_steps for that)."""
     pictures = {name: np.asarray(render(pipe, GenParams("a red circle", steps=2, width=32, height=32,

@@ -1,0 +1,62 @@
+"""library.py: scanning a LoRA folder (a bad file becomes an item with an error, never a crash) and resolving names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_factories import demo_or_random_pipeline, write_kohya_lora, write_loha
+from lora_studio.errors import InputFileError
+from lora_studio.library import available_names, resolve, scan_library
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    pipe = demo_or_random_pipeline()
+    tags = {"10_stripes": {"stripes": 24, "a red circle": 6, "circle": 3}}
+    write_kohya_lora(root / "stripes.safetensors", pipe, rank=4, alpha=2.0, te=False,
+                     metadata={"ss_tag_frequency": json.dumps(tags)})
+    write_loha(root / "styles" / "hatch.safetensors", pipe, rank=2)
+    (root / "styles" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (root / "old.pt").write_bytes(b"pickle")
+    (root / "readme.txt").write_text("not a LoRA")
+    (root / ".hidden.safetensors").write_bytes(b"")
+    return root
+
+
+def test_scan_library_lists_every_file_and_survives_bad_ones(folder):
+    items = {i.name: i for i in scan_library(folder)}
+    assert sorted(items) == ["old", "stripes", "styles/broken", "styles/hatch"]
+    good = items["stripes"]
+    assert (good.error, good.family, good.rank) == (None, "sd1", 4)
+    assert "LoRA" in good.kind
+    assert good.trigger_words[:1] == ["stripes"]
+    assert good.size == (folder / "stripes.safetensors").stat().st_size
+    assert items["styles/hatch"].error is None and "LoHa" in items["styles/hatch"].kind
+    assert items["styles/broken"].error and "broken.safetensors" in items["styles/broken"].error
+    assert items["old"].error and "unpickling" in items["old"].error
+
+
+def test_resolve_by_name_stem_case_and_path(folder):
+    assert resolve("stripes", folder) == folder / "stripes.safetensors"
+    assert resolve("styles/hatch", folder) == folder / "styles" / "hatch.safetensors"
+    assert resolve("HATCH", folder) == folder / "styles" / "hatch.safetensors"
+    assert resolve("stripes.safetensors", folder) == folder / "stripes.safetensors"
+    assert resolve(str(folder / "styles" / "hatch.safetensors"), "/nonexistent") == folder / "styles" / "hatch.safetensors"
+    assert available_names(folder) == ["stripes", "styles/broken", "styles/hatch"]
+
+
+def test_resolve_errors_list_the_folder(folder, tmp_path):
+    with pytest.raises(InputFileError) as err:
+        resolve("dots", folder)
+    assert "'dots'" in str(err.value) and "stripes, styles/broken, styles/hatch" in str(err.value)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "same.safetensors").write_bytes(b"x")
+    (tmp_path / "b" / "same.safetensors").write_bytes(b"x")
+    with pytest.raises(InputFileError, match="several files.*a/same, b/same"):
+        resolve("same", tmp_path)
+    with pytest.raises(InputFileError, match="does not exist"):
+        scan_library(tmp_path / "missing")

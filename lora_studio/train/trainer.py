@@ -68,7 +68,7 @@ def load_base(base: str, progress: ProgressCallback | None = None):
             return load_demo_pipeline(progress)
         raise TrainingError(f"cannot load base model {base!r}: only the built-in 'demo' model can be loaded in this "
                             "build (lora_studio.models is missing). Use --base demo.") from None
-    return load_pipeline(base).pipe
+    return load_pipeline(base, progress=progress).pipe
 
 
 def _make_optimizer(cfg: TrainConfig, groups: list[dict]):

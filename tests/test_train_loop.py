@@ -154,3 +154,21 @@ def test_sdxl_base_is_refused_clearly(tiny_data, tmp_path):
     fake = SimpleNamespace(text_encoder_2=object(), unet=SimpleNamespace(config=SimpleNamespace(cross_attention_dim=2048)))
     with pytest.raises(TrainingError, match="SDXL.*not supported yet"):
         train(_cfg(tiny_data, tmp_path), pipeline=fake)
+
+
+def test_checkpointing_changes_nothing_and_bf16_accumulation_vpred_run(tiny_data, tmp_path):
+    plain = train(_cfg(tiny_data, tmp_path, run_name="plain", steps=2), pipeline=random_demo_pipeline())
+    ckpt = train(_cfg(tiny_data, tmp_path, run_name="ckpt", steps=2, gradient_checkpointing=True),
+                 pipeline=random_demo_pipeline())
+    a, b = load_safetensors(plain.lora_path)[0], load_safetensors(ckpt.lora_path)[0]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+    pipe = random_demo_pipeline()
+    res = train(_cfg(tiny_data, tmp_path, run_name="mixed", steps=2, batch_size=1, gradient_accumulation_steps=2,
+                     mixed_precision="bf16", prediction_type="v_prediction", min_snr_gamma=5.0,
+                     gradient_checkpointing=True), pipeline=pipe)
+    assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+    meta = load_safetensors(res.lora_path)[1]
+    assert meta["modelspec.prediction_type"] == "v_prediction" and meta["ss_mixed_precision"] == "bf16"
+    assert "forward" not in pipe.unet.__dict__ and not pipe.unet.is_gradient_checkpointing  # pipeline left as it was

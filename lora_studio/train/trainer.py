@@ -97,6 +97,12 @@ def _make_accelerator(cfg: TrainConfig):
     if mp == "fp16" and not torch.cuda.is_available():
         warnings.warn("mixed_precision 'fp16' needs a CUDA GPU; training in full precision on the CPU.", stacklevel=3)
         mp = "no"
+    # accelerate keeps one process-wide state and refuses a second Accelerator with other precision settings;
+    # a long-lived process (the GUI, tests) trains many runs, so drop that state (not the distributed setup).
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
 
@@ -147,9 +153,22 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     finally:
         for inj in injected:
             remove_lora(inj)
-        unet.requires_grad_(False)
-        unet.eval()
-        te.eval()
+        _restore_modules(cfg, unet, te)
+        accelerator.free_memory()
+
+
+def _restore_modules(cfg: TrainConfig, *models) -> None:
+    """Leave the pipeline's modules as they were: frozen, eval mode, no checkpointing, no mixed-precision
+    forward wrapper (``accelerator.prepare`` patches ``forward`` on the instance)."""
+    for m in models:
+        m.requires_grad_(False)
+        m.eval()
+        if m.__dict__.pop("_original_forward", None) is not None:
+            m.__dict__.pop("forward", None)
+    if cfg.gradient_checkpointing:
+        models[0].disable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            models[1].gradient_checkpointing_disable()
 
 
 def _run(cfg: TrainConfig, pipe, accelerator, device, injected: list[InjectedLora], batches: BucketBatches,

@@ -302,6 +302,8 @@ def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     for key, (comp, module, _) in split.items():
         mod = modules[names[key][0]]
         mod.extra["peft_name"] = f"{comp}.{module}"
+        if "dora_scale" in mod.tensors:  # peft keeps one magnitude per output ((out,) or conv (1, out, 1, 1))
+            mod.tensors["dora_scale"] = mod.tensors["dora_scale"].reshape(-1)
         if mod.alpha is None:
             alpha = _peft_alpha(metadata, comp, module)
             if alpha is not None:

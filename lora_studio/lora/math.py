@@ -69,7 +69,7 @@ def raw_delta(mod: LoraModule) -> torch.Tensor:
         w2 = _factor(mod, "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
         if w2.dim() == 4:
             w1 = w1.reshape(*w1.shape, 1, 1)
-        d = torch.kron(w1, w2)
+        d = torch.kron(w1.contiguous(), w2.contiguous())
     elif mod.kind == "full":
         d = _f(ts["diff"])
     else:

@@ -232,26 +232,64 @@ def load_pipeline(source: str | Path | None = None, *, dtype: torch.dtype = torc
     return loaded
 
 
-def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """What a single-file checkpoint is, from its header only (no tensors are read), for the inspector.
+def _header_stats(headers: list[dict]) -> tuple[int, int, dict[str, int]]:
+    dtypes: dict[str, int] = {}
+    params = tensors = 0
+    for header in headers:
+        for info in header.values():
+            tensors += 1
+            dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
+            n = 1
+            for d in info["shape"]:
+                n *= int(d)
+            params += n
+    return tensors, params, dtypes
 
-    Returns ``{"path", "kind": "single_file", "family": Family | None, "family_error": str | None,
+
+def _describe_diffusers_folder(folder: Path) -> dict[str, Any]:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise InputFileError(f"{folder} is a folder without model_index.json, so it is not a diffusers model.")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        unet_cfg = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputFileError(f"{folder}: cannot read model_index.json or unet/config.json ({err}).") from err
+    family, family_error = None, None
+    try:
+        _class_from_index(index, str(folder))
+        has_te2 = bool((index.get("text_encoder_2") or [None])[0])
+        family = Family.SDXL if has_te2 else (Family.SD2 if unet_cfg.get("cross_attention_dim") == 1024 else Family.SD1)
+    except InputFileError as err:
+        family_error = str(err)
+    files = [f for f in folder.rglob("*.safetensors") if f.is_file()]
+    tensors, params, dtypes = _header_stats([read_safetensors_header(f)[0] for f in files])
+    components = {k: v[1] for k, v in index.items()
+                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0]}
+    return {
+        "path": str(folder), "kind": "diffusers", "family": family, "family_error": family_error,
+        "tensors": tensors, "parameters": params, "size_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+        "dtypes": dtypes, "dtype": max(dtypes, key=dtypes.get) if dtypes else None,
+        "components": components, "metadata": {},
+    }
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What a base model is, from file headers and configs only (no tensors are read), for the inspector.
+
+    Returns ``{"path", "kind": "single_file" | "diffusers", "family": Family | None, "family_error": str | None,
     "tensors": int, "parameters": int, "size_bytes": int, "dtypes": {dtype: count}, "dtype": most common,
-    "components": {prefix: count}, "metadata": {str: str}}``. A file that is not a base checkpoint still
-    describes (``family`` None, ``family_error`` says why); an unreadable one raises ``InputFileError``.
+    "components": {name: count or class}, "metadata": {str: str}}``. A file that is not a base checkpoint still
+    describes (``family`` None, ``family_error`` says why); an unreadable one raises ``InputFileError``
+    (``UnsafeFileError`` for pickles, which are never opened here).
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        return _describe_diffusers_folder(p)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(p, allow_pickle=False)
     header, metadata = read_safetensors_header(p)
-    dtypes: dict[str, int] = {}
-    params = 0
-    for info in header.values():
-        dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
-        n = 1
-        for d in info["shape"]:
-            n *= int(d)
-        params += n
+    tensors, params, dtypes = _header_stats([header])
     components = {prefix.rstrip("."): sum(k.startswith(prefix) for k in header) for prefix in LDM_PREFIXES}
     try:
         family, family_error = detect_family_from_ldm_keys(header, str(p)), None
@@ -259,7 +297,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         family, family_error = None, str(err)
     return {
         "path": str(p), "kind": "single_file", "family": family, "family_error": family_error,
-        "tensors": len(header), "parameters": params, "size_bytes": p.stat().st_size, "dtypes": dtypes,
+        "tensors": tensors, "parameters": params, "size_bytes": p.stat().st_size, "dtypes": dtypes,
         "dtype": max(dtypes, key=dtypes.get) if dtypes else None,
         "components": {k: v for k, v in components.items() if v}, "metadata": metadata,
     }

@@ -134,6 +134,10 @@ def test_diffusers_folder(tmp_path):
     loaded = load_pipeline(tmp_path / "xl")
     assert (loaded.family, loaded.kind) == (Family.SDXL, "diffusers")
     _assert_same_weights(pipe, loaded.pipe)
+    info = describe_checkpoint(tmp_path / "xl")
+    assert (info["kind"], info["family"], info["dtype"]) == ("diffusers", Family.SDXL, "F32")
+    assert info["parameters"] == sum(p.numel() for n in COMPONENTS for p in getattr(pipe, n).parameters())
+    assert info["components"]["text_encoder_2"] == "CLIPTextModelWithProjection"
 
 
 def test_demo_model(demo_model_dir):
@@ -230,6 +234,14 @@ def test_lora_file_given_as_base_model(tmp_path):
     with pytest.raises(InputFileError, match="LoRA"):
         load_pipeline(tmp_path / "style.safetensors")
     assert describe_checkpoint(tmp_path / "style.safetensors")["family"] is None
+
+
+def test_real_lora_given_as_base_model(real_loras):
+    lora = real_loras / "lora_disney.safetensors"
+    with pytest.raises(InputFileError, match="LoRA"):
+        load_pipeline(lora)
+    info = describe_checkpoint(lora)
+    assert info["family"] is None and "LoRA" in info["family_error"] and info["tensors"] > 0
 
 
 def test_hub_id_offline_says_what_to_do():

@@ -1,13 +1,178 @@
-"""`python -m lora_studio mix` (not built yet)."""
+"""``python -m lora_studio mix``: apply LoRAs at strengths to a base model, render, compare.
+
+    python -m lora_studio mix --base demo --lora a.safetensors:0.8 --lora b.safetensors:0.5 \\
+        --prompt "a red circle" --grid --xy "strength=0,0.5,1" --xy "lora=a,b" --out outputs/mix
+
+``--lora FILE[:STRENGTH[:TE_STRENGTH]]`` (a name instead of a file is looked up in ``--lora-dir``); the prompt
+may also pick LoRAs from ``--lora-dir`` with A1111 tags (``<lora:name:0.7>``). Settings given on the command
+line win over those of ``--preset``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import re
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..progress import text_progress
+
+DESCRIPTION = """Apply LoRAs at strengths to a base model, render, and compare.
+
+example:
+  python -m lora_studio mix --base demo --lora a.safetensors:0.8 --lora b.safetensors:0.5 \\
+      --prompt "a red circle" --grid --xy "strength=0,0.5,1" --xy "lora=a,b" --out outputs/mix
+
+--lora FILE[:STRENGTH[:TE_STRENGTH]] (a name instead of a file is looked up in --lora-dir). The prompt may
+also pick LoRAs from --lora-dir with A1111 tags: <lora:name:0.7>, or <lora:name:TE:UNET>. Settings given on
+the command line win over those of --preset. Images are PNGs with A1111 "parameters" and a JSON sidecar."""
+
 
 def register(sub) -> None:
-    p = sub.add_parser("mix", help="(not built yet)")
-    p.set_defaults(func=_run)
+    p = sub.add_parser("mix", help="apply LoRAs at strengths to a base model and render (comparison and X/Y grids)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=None, help="base model: 'demo' (built in), a diffusers folder, a .safetensors "
+                                                "checkpoint or a hub id (default: the preset's, else demo)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH[:TE]]",
+                   help="a LoRA file (or a name in --lora-dir) with its strength and optional text-encoder "
+                        "strength; repeat for several. Negative strengths are allowed")
+    p.add_argument("--prompt", default=None, help="the prompt; <lora:name:0.7> tags pick LoRAs from --lora-dir")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--seed", type=int, default=None, help="seed (-1: random; default 0)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default 4.0)")
+    p.add_argument("--sampler", default=None, help="A1111 sampler name: DDIM, Euler, Euler a, DPM++ 2M Karras, ...")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--grid", action="store_true", help="also render base / each LoRA / mix side by side")
+    p.add_argument("--xy", action="append", default=[], metavar="KIND=V1,V2",
+                   help="an X/Y grid axis (first --xy is X, second Y): strength=0,0.5,1  strength:NAME=0,1  "
+                        "te_strength=..  lora=a,b,none  seed=1,2  steps=10,20  cfg=3,5  sampler=DDIM,Euler a  "
+                        "prompt=red,blue (Prompt S/R)")
+    p.add_argument("--lora-dir", default=None, help="the LoRA folder for names and <lora:...> tags")
+    p.add_argument("--preset", default=None, help="a mixing preset (JSON file or presets/ name, e.g. mix-demo)")
+    p.add_argument("--save-preset", default=None, metavar="FILE", help="save this mix as a preset JSON file")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="apply a LoRA even when some of its modules match no layer (they are listed)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow a .ckpt base model (unpickling runs code)")
+    p.add_argument("--out", default="outputs/mix", help="output folder (default outputs/mix)")
+    p.set_defaults(func=run)
 
 
-def _run(args) -> int:
-    print("'mix' is not built yet", flush=True)
-    return 1
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def parse_lora_arg(text: str) -> tuple[str, float, float | None]:
+    """``"a.safetensors:0.8"`` -> ("a.safetensors", 0.8, None); ``"a:0.8:0.5"`` -> te 0.5. A path may hold
+    colons (``C:\\x.safetensors``): only trailing numbers are strengths."""
+    m = re.fullmatch(rf"(.+?)(?::({_NUM}))?(?::({_NUM}))?", text.strip())
+    if not m or not m.group(1):
+        raise ConfigError(f"--lora {text!r}: write FILE, FILE:STRENGTH or FILE:STRENGTH:TE_STRENGTH.")
+    ref, s, te = m.group(1), m.group(2), m.group(3)
+    return ref, float(s) if s is not None else 1.0, float(te) if te is not None else None
+
+
+def load_base(source: str, allow_pickle: bool = False):
+    """(pipeline, model name for the infotext). Uses ``lora_studio.models``; falls back to the demo loader."""
+    try:
+        from ..models import load_pipeline
+    except ImportError:  # an install without the model loader can still run the demo model
+        load_pipeline = None
+    if load_pipeline is None:
+        if source.lower() != "demo":
+            raise ConfigError(f"--base {source!r}: only 'demo' can be loaded in this install.")
+        from ..demo import load_demo_pipeline
+
+        return load_demo_pipeline(text_progress()), "demo"
+    loaded = load_pipeline(source, allow_pickle=allow_pickle, progress=text_progress())
+    loaded.pipe.set_progress_bar_config(disable=True)
+    return loaded.pipe, "demo" if source.lower() == "demo" else (Path(source).stem or source)
+
+
+def _next_image_path(out: Path, seed: int) -> Path:
+    """A1111-style numbering: 00000-SEED.png, 00001-SEED.png, ... never overwriting."""
+    taken = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))] if out.is_dir() else []
+    return out / f"{max(taken, default=-1) + 1:05d}-{seed}.png"
+
+
+def run(args) -> int:
+    from ..compare import comparison_grid, parse_axis, xy_grid
+    from ..mix import LoraMixer
+    from ..mix_preset import MixPreset, add_preset_loras, load_mix_preset, preset_from_mixer, save_mix_preset
+    from ..prompt import parse_prompt, resolve_requests
+    from ..render import render, save_png
+
+    if len(args.xy) > 2:
+        raise ConfigError(f"--xy was given {len(args.xy)} times; a grid has two axes (X, then Y).")
+    axes = [parse_axis(a) for a in args.xy]
+    preset, preset_dir = MixPreset(), None
+    if args.preset:
+        preset, preset_file = load_mix_preset(args.preset)
+        preset_dir = preset_file.parent
+    for arg, key in (("prompt", "prompt"), ("negative", "negative_prompt"), ("seed", "seed"), ("steps", "steps"),
+                     ("cfg", "cfg"), ("sampler", "sampler"), ("width", "width"), ("height", "height"),
+                     ("base", "base"), ("lora_dir", "lora_dir")):
+        if getattr(args, arg) is not None:
+            setattr(preset, key, getattr(args, arg))
+    if not preset.prompt:
+        raise ConfigError("no prompt: pass --prompt \"...\" (or a --preset with a prompt).")
+    requests = parse_prompt(preset.prompt).loras        # checked before the model loads
+    lora_refs = [parse_lora_arg(x) for x in args.lora]
+    params = preset.gen_params()
+
+    lora_dir = preset.lora_dir
+    if args.lora_dir is None and lora_dir and preset_dir is not None and (preset_dir / lora_dir).is_dir():
+        lora_dir = str(preset_dir / lora_dir)          # a preset's relative lora_dir counts from the preset
+    if (args.grid or any(a.kind in ("strength", "te_strength", "lora") for a in axes)) \
+            and not (preset.loras or lora_refs or requests):
+        raise ConfigError("--grid and LoRA axes of --xy need at least one LoRA: add --lora FILE:STRENGTH.")
+
+    # find every file before the (slow) model load, so a typo fails fast
+    wanted = [(Path(ref) if Path(ref).is_file() else resolve_requests([_request(ref)], lora_dir)[0][1], s, te)
+              for ref, s, te in lora_refs]
+    wanted += [(path, req.strength, req.te_strength) for req, path in resolve_requests(requests, lora_dir)]
+
+    pipe, model_name = load_base(preset.base, args.allow_pickle)
+    params.model_name = model_name
+    mixer = LoraMixer(pipe)
+    add_preset_loras(preset, mixer, preset_dir, lora_dir)
+    for path, strength, te in wanted:
+        _add(mixer, path, None, strength, te, args.allow_partial)
+    print(mixer.report())
+    if not mixer.entries:
+        print("note: no LoRA given; rendering the base model alone.")
+
+    out = Path(args.out)
+    loras = [(e.name, e.strength, e.te_strength) for e in mixer.entries]
+    mixer.apply()
+    try:
+        rendered = render(pipe, params, loras, progress=text_progress())
+    finally:
+        mixer.restore()
+    print(f"image: {save_png(rendered, _next_image_path(out, rendered.params.seed))}")
+    if args.grid:
+        res = comparison_grid(pipe, mixer, rendered.params, [(n, s, t) for n, s, t in loras], out,
+                              progress=text_progress())
+        print(f"comparison grid: {res.grid_path} ({len(res.image_paths)} tiles: {', '.join(res.labels)})")
+    if axes:
+        res = xy_grid(pipe, mixer, rendered.params, axes[0], axes[1] if len(axes) > 1 else None, out,
+                      progress=text_progress())
+        print(f"X/Y grid: {res.grid_path} ({len(res.image_paths)} cells in {out / 'xy-cells'})")
+    if args.save_preset:
+        saved = preset_from_mixer(mixer, rendered.params, preset.base, preset.lora_dir)
+        print(f"preset: {save_mix_preset(saved, args.save_preset)}")
+    return 0
+
+
+def _add(mixer, path: Path, name, strength: float, te: float | None, allow_partial: bool) -> str:
+    """Add a LoRA; the same file twice (say, by --lora and by a prompt tag) is an error, not a double dose."""
+    for e in mixer.entries:
+        if e.path is not None and Path(e.path).resolve() == path.resolve():
+            raise ConfigError(f"{path} is asked for twice (as {e.name!r} already). Give each LoRA once.")
+    return mixer.add(str(path), name=name, strength=strength, te_strength=te, allow_partial=allow_partial)
+
+
+def _request(name: str):
+    from ..prompt import LoraRequest
+
+    return LoraRequest(name, tag=f"--lora {name}")

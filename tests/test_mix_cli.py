@@ -1,0 +1,146 @@
+"""Mixing presets (JSON <-> dataclass, unknown keys named) and `python -m lora_studio mix` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_factories import demo_or_random_pipeline, write_kohya_lora
+from lora_studio.cli.main import main
+from lora_studio.cli.mix import parse_lora_arg
+from lora_studio.errors import ConfigError
+from lora_studio.mix_preset import (PRESETS_DIR, MixPreset, PresetLora, add_preset_loras, load_mix_preset,
+                                    preset_from_dict, save_mix_preset)
+from lora_studio.render import parse_infotext, read_png_parameters
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a.safetensors", ("a.safetensors", 1.0, None)),
+    ("a.safetensors:0.8", ("a.safetensors", 0.8, None)),
+    ("a.safetensors:-0.5:0.25", ("a.safetensors", -0.5, 0.25)),
+    ("C:\\loras\\x.safetensors:1e-1", ("C:\\loras\\x.safetensors", 0.1, None)),
+    ("name_only:.5", ("name_only", 0.5, None)),
+])
+def test_parse_lora_arg(text, expected):
+    assert parse_lora_arg(text) == expected
+
+
+def test_shipped_demo_preset_loads():
+    preset, path = load_mix_preset("mix-demo")
+    assert path == PRESETS_DIR / "mix-demo.json"
+    assert [(lo.file, lo.strength, lo.te_strength) for lo in preset.loras] == [
+        ("stripes.safetensors", 0.8, None), ("dots.safetensors", 0.5, 0.3)]
+    assert preset.loras[1].blocks == {"down": 1.0, "mid": 0.5, "up": 1.0}
+    assert preset.gen_params().prompt == "a red circle"
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"lora": []}, ["'lora'", "Known keys"]),
+    ({"loras": [{"file": "a", "strenght": 1}]}, ["loras[0]", "'strenght'"]),
+    ({"loras": [{"strength": 1}]}, ["loras[0]", "\"file\""]),
+    ({"loras": [{"file": "a", "strength": "high"}]}, ["loras[0].strength", "'high'"]),
+    ({"steps": 2.5}, ["steps", "whole number"]),
+    ({"sampler": "Nope"}, ["unknown sampler 'Nope'"]),
+    ({"width": 65}, ["multiple of 8"]),
+])
+def test_bad_presets_name_the_key(data, words):
+    with pytest.raises(ConfigError) as err:
+        preset_from_dict(data)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_preset_save_load_round_trip(tmp_path):
+    preset = MixPreset([PresetLora("a.safetensors", 0.7, 0.2, {"up": 0.5}, "styleA"), PresetLora("b.safetensors")],
+                       prompt="a blue square", steps=3, cfg=5.5, seed=9, sampler="Euler a", lora_dir="loras")
+    path = save_mix_preset(preset, tmp_path / "mix-mine.json")
+    raw = json.loads(path.read_text())
+    assert raw["loras"][1] == {"file": "b.safetensors", "strength": 1.0}
+    assert load_mix_preset(path)[0] == preset
+
+
+def test_preset_loras_resolve_beside_the_preset_and_in_lora_dir(tmp_path):
+    from lora_studio.mix import LoraMixer
+
+    pipe = demo_or_random_pipeline()
+    write_kohya_lora(tmp_path / "p" / "near.safetensors", pipe, seed=1)
+    write_kohya_lora(tmp_path / "p" / "loras" / "far.safetensors", pipe, seed=2)
+    preset = preset_from_dict({"lora_dir": "loras", "loras": [
+        {"file": "near.safetensors", "strength": 0.5},
+        {"file": "far", "strength": -1, "te_strength": 0, "blocks": {"mid": 0}}]})
+    mixer = LoraMixer(pipe)
+    names = add_preset_loras(preset, mixer, preset_dir=tmp_path / "p")
+    got = {e.name: (e.strength, e.te_strength, e.block_weights) for e in mixer.entries}
+    assert names == ["near", "far"]
+    assert got == {"near": (0.5, None, {}), "far": (-1.0, 0.0, {"mid": 0.0})}
+    with pytest.raises(Exception, match="not found; looked at"):
+        add_preset_loras(preset_from_dict({"loras": ["missing.safetensors"]}), mixer, preset_dir=tmp_path)
+
+
+@pytest.fixture()
+def base_loader(monkeypatch):
+    """The CLI's model loader, counted; the demo model (or its random twin before its weights ship)."""
+    import lora_studio.cli.mix as cli_mix
+
+    calls = []
+
+    def load(source, allow_pickle=False):
+        calls.append(source)
+        return demo_or_random_pipeline(), "demo"
+
+    monkeypatch.setattr(cli_mix, "load_base", load)
+    return calls
+
+
+def test_cli_mix_renders_grid_xy_and_saves_preset(tmp_path, base_loader, capsys):
+    pipe = demo_or_random_pipeline()
+    a = write_kohya_lora(tmp_path / "loras" / "alpha.safetensors", pipe, alpha=4.0, seed=1)
+    write_kohya_lora(tmp_path / "loras" / "beta.safetensors", pipe, alpha=4.0, seed=2)
+    out = tmp_path / "out"
+    rc = main(["mix", "--base", "demo", "--lora", f"{a}:3", "--prompt", "a red circle <lora:beta:0.5>",
+               "--lora-dir", str(tmp_path / "loras"), "--steps", "2", "--width", "32", "--height", "32",
+               "--seed", "4", "--grid", "--xy", "strength=0,1", "--xy", "seed=1,2", "--out", str(out),
+               "--save-preset", str(tmp_path / "mix-saved.json")])
+    printed = capsys.readouterr().out
+    assert rc == 0 and base_loader == ["demo"]
+    assert "alpha" in printed and "beta" in printed and "modules matched" in printed
+    image = out / "00000-4.png"
+    info = parse_infotext(read_png_parameters(image))
+    assert info["loras"] == [("alpha", 3.0, None), ("beta", 0.5, None)]
+    assert (info["prompt"], info["steps"], info["seed"], info["width"]) == ("a red circle", 2, 4, 32)
+    tiles = sorted(out.glob("compare-0*.png"))
+    assert [t.name for t in tiles] == ["compare-00-base.png", "compare-01-alpha_3.png", "compare-02-beta_0.5.png",
+                                       "compare-03-mix.png"]
+    with Image.open(image) as im, Image.open(tiles[3]) as mix:
+        assert np.array_equal(np.asarray(im), np.asarray(mix))   # the mix tile is the rendered mix
+    assert (out / "compare-grid.png").exists() and (out / "xy-grid.png").exists()
+    assert len(list((out / "xy-cells").glob("*.png"))) == 4
+    saved, _ = load_mix_preset(tmp_path / "mix-saved.json")
+    assert saved.prompt == "a red circle"       # the tag became a 'loras' entry, not a second dose
+    assert [(lo.file, lo.strength) for lo in saved.loras] == [(str(a), 3.0), (str(tmp_path / "loras" / "beta.safetensors"), 0.5)]
+    # a second run numbers its image after the first instead of overwriting it
+    assert main(["mix", "--preset", str(tmp_path / "mix-saved.json"), "--steps", "1", "--out", str(out)]) == 0
+    assert (out / "00001-4.png").exists()
+
+
+def test_cli_mix_user_errors_exit_2_before_loading_the_model(tmp_path, base_loader, capsys):
+    (tmp_path / "loras").mkdir()
+    write_kohya_lora(tmp_path / "loras" / "alpha.safetensors", demo_or_random_pipeline())
+    cases = [
+        (["--prompt", "x <lora:nope:1>", "--lora-dir", str(tmp_path / "loras")], "no LoRA named 'nope'"),
+        (["--prompt", "x", "--sampler", "Bogus"], "unknown sampler"),
+        (["--prompt", "x", "--grid"], "need at least one LoRA"),
+        (["--prompt", "x", "--xy", "size=1,2"], "unknown grid axis"),
+        (["--lora", "alpha"], "no prompt"),
+        (["--prompt", "x", "--preset", str(tmp_path / "none.json")], "not found"),
+    ]
+    for argv, message in cases:
+        assert main(["mix", "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        if message == "no LoRA named 'nope'":
+            assert "alpha" in err   # the error lists what the folder holds
+    assert base_loader == []

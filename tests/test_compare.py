@@ -170,3 +170,33 @@ def test_prompt_sr_axis_and_axis_errors(pipe, tmp_path):
         parse_axis("strength")
     with pytest.raises(ConfigError, match="unknown sampler"):
         parse_axis("sampler=DDIM,Nope")
+
+
+def test_te_strength_axis_and_stop_flag(pipe, two_loras, tmp_path):
+    from lora_studio.errors import StopRequested
+    from lora_studio.mix import LoraMixer
+    from lora_studio.progress import StopFlag
+
+    base_weights = _weights(pipe)
+    mixer = LoraMixer(pipe)
+    name = mixer.add(two_loras[0], strength=2.0)
+    res = xy_grid(pipe, mixer, PARAMS, parse_axis(f"te_strength:{name}=0,2"), None, tmp_path / "te")
+    tags = [parse_infotext(read_png_parameters(p))["loras"] for p in res.image_paths]
+    assert tags == [[(name, 2.0, 0.0)], [(name, 2.0, None)]]
+    assert "<lora:alpha_style:0:2>" in read_png_parameters(res.image_paths[0])   # A1111 order: te, unet
+    assert not np.array_equal(_pixels(res.image_paths[0]), _pixels(res.image_paths[1]))
+
+    stop = StopFlag()
+    seen = []
+
+    def on_progress(ev):
+        seen.append(ev.current)
+        stop.request()          # ask to stop after the first cell
+
+    with pytest.raises(StopRequested, match="after 1 image"):
+        xy_grid(pipe, mixer, PARAMS, parse_axis("strength=1,2,3"), None, tmp_path / "stop",
+                progress=on_progress, stop=stop)
+    assert seen == [1] and len(list((tmp_path / "stop" / "xy-cells").glob("*.png"))) == 1
+    after = _weights(pipe)
+    assert all(torch.equal(base_weights[k], after[k]) for k in base_weights)
+    assert [(e.strength, e.te_strength) for e in mixer.entries] == [(2.0, None)]

@@ -26,7 +26,7 @@ from lora_studio.lora.keys import kohya_module_name
 
 ATTN_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "proj_out")
 TE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-CONV_SUFFIXES = ("conv1", "conv2", "conv_shortcut")
+CONV_SUFFIXES = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
 def targets(pipe, conv: bool = False, te: bool = True) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -36,6 +36,8 @@ def targets(pipe, conv: bool = False, te: bool = True) -> list[tuple[str, str, t
         if isinstance(mod, torch.nn.Linear) and name.endswith(ATTN_SUFFIXES):
             out.append(("unet", name, tuple(mod.weight.shape)))
         elif conv and isinstance(mod, torch.nn.Conv2d) and name.endswith(CONV_SUFFIXES):
+            out.append(("unet", name, tuple(mod.weight.shape)))
+        elif conv and isinstance(mod, torch.nn.Linear) and name.endswith("time_emb_proj"):
             out.append(("unet", name, tuple(mod.weight.shape)))
     if te:
         for name, mod in pipe.text_encoder.named_modules():
@@ -192,3 +194,27 @@ def demo_or_random_pipeline():
     if (DEMO_MODEL_DIR / "model_index.json").exists():
         return load_demo_pipeline()
     return random_demo_pipeline()
+
+
+def write_kohya_sdxl_lora(path, pipe, rank=4, alpha=2.0, conv=False, seed=0) -> Path:
+    """A kohya SDXL LoRA for an SDXL-structured pipeline: UNet modules under their original (ldm) names
+    (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), text encoders as ``lora_te1_``/``lora_te2_``."""
+    from lora_studio.lora.keys import UnetLayout, diffusers_unet_to_ldm
+
+    g = torch.Generator().manual_seed(seed)
+    layout = UnetLayout.from_config(pipe.unet.config)
+    tensors = {}
+    for comp, module, shape in targets(pipe, conv=conv, te=False):
+        ldm = diffusers_unet_to_ldm(module, layout)
+        assert ldm is not None, module
+        for suffix, t in _lora_tensors(g, shape, rank).items():
+            tensors[f"lora_unet_{ldm.replace('.', '_')}.{suffix}"] = t
+        tensors[f"lora_unet_{ldm.replace('.', '_')}.alpha"] = torch.tensor(float(alpha))
+    for comp, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        for module, mod in getattr(pipe, comp).named_modules():
+            if isinstance(mod, torch.nn.Linear) and module.endswith(TE_SUFFIXES):
+                name = prefix + "text_model_" + module.removeprefix("text_model.").replace(".", "_")
+                for suffix, t in _lora_tensors(g, tuple(mod.weight.shape), rank).items():
+                    tensors[f"{name}.{suffix}"] = t
+                tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return _write(path, tensors, {"ss_base_model_version": "sdxl_base_v1-0"})

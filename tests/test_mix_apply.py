@@ -163,3 +163,41 @@ def test_lora_for_another_size_is_refused(tmp_path, pipe):
                              torch.zeros(320, 4)}, tmp_path / "big.safetensors")
     with pytest.raises(LoraFormatError, match="another size"):
         LoraMixer(pipe).add(tmp_path / "big.safetensors")
+
+
+def test_sdxl_kohya_ldm_names_equal_diffusers_fuse():
+    """kohya SDXL names (input_blocks/middle_block/output_blocks, lora_te1_/lora_te2_) on a tiny SDXL pipeline."""
+    import tempfile
+    from pathlib import Path
+
+    from lora_factories import write_kohya_sdxl_lora
+    from tiny_families import tiny_pipeline
+
+    pipe = tiny_pipeline("sdxl")
+    with tempfile.TemporaryDirectory() as tmp:
+        file = write_kohya_sdxl_lora(Path(tmp) / "xl.safetensors", pipe, conv=True)
+        reference, base = copy.deepcopy(pipe), copy.deepcopy(pipe)
+        mixer = LoraMixer(pipe)
+        mixer.add(file, strength=0.8)
+        assert mixer.entries[0].unmatched == [] and any("input_blocks" in n for n in mixer.entries[0].targets)
+        mixer.apply()
+        reference.load_lora_weights(str(file))
+        reference.fuse_lora(lora_scale=0.8)
+        reference.unload_lora_weights()
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        ours, theirs, before = (getattr(p, comp).state_dict() for p in (pipe, reference, base))
+        assert any(not torch.equal(ours[k], before[k]) for k in ours), comp
+        for k in ours:
+            assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=1e-5), (comp, k)
+
+
+def test_sd2_lora_on_sd1_model_names_both_families(tmp_path, pipe):
+    from tiny_families import tiny_pipeline
+
+    sd2 = tiny_pipeline("sd2")
+    file = write_kohya_lora(tmp_path / "sd2.safetensors", sd2, metadata={"ss_base_model_version": "sd_v2"})
+    with pytest.raises(FamilyMismatchError) as err:
+        LoraMixer(pipe).add(file)
+    assert "SD 2.x" in str(err.value) and "SD 1.x" in str(err.value)
+    with pytest.raises(FamilyMismatchError, match="SD 1.x.*SD 2.x"):
+        LoraMixer(sd2).add(write_kohya_lora(tmp_path / "sd1.safetensors", pipe))

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 from .errors import ConfigError, StopRequested
 from .grid import labelled_grid
 from .progress import ProgressCallback, StopFlag, report
-from .render import GenParams, canonical_sampler, infotext, record, render, save_image_with_parameters, save_png
+from .render import (GenParams, canonical_sampler, hashes_field, infotext, lora_hash, record, render,
+                     save_image_with_parameters, save_png)
 
 Strengths = dict[str, tuple[float, float]]   # entry name -> (unet strength, text-encoder strength)
 
@@ -108,11 +109,18 @@ def _check_stop(stop: StopFlag | None, done: int) -> None:
         raise StopRequested(f"stopped after {done} image(s); those are saved.")
 
 
+def mixer_hashes(mixer) -> dict[str, str]:
+    """A1111 short hashes of the mix's LoRA files (reads each file once; pass the result as ``lora_hashes``)."""
+    return {e.name: lora_hash(e.path) for e in mixer.entries if getattr(e, "path", None) and Path(e.path).is_file()}
+
+
 def comparison_grid(pipe, mixer, params: GenParams, loras: Sequence[Sequence], out_dir: str | Path, *,
                     lora_dir: str | Path | None = None, scale: int = 2, prefix: str = "compare",
+                    lora_hashes: dict[str, str] | None = None,
                     progress: ProgressCallback | None = None, stop: StopFlag | None = None) -> ComparisonResult:
     """One row, same prompt and seed: the base model alone, each LoRA alone at its strength, then all of them
-    together. Every tile is saved as a PNG with its parameters; the grid PNG carries the mix's parameters."""
+    together. Every tile is saved as a PNG with its parameters; the grid PNG carries the mix's parameters.
+    ``lora_hashes`` (see ``mixer_hashes``) adds A1111's "Lora hashes" field."""
     out_dir = Path(out_dir)
     picked = _entry_names(mixer, loras, lora_dir)
     if not picked:
@@ -129,14 +137,14 @@ def comparison_grid(pipe, mixer, params: GenParams, loras: Sequence[Sequence], o
         for i, (label, strengths, tags) in enumerate(cells):
             _check_stop(stop, i)
             state.set(strengths)
-            rendered = render(pipe, params, tags)
+            rendered = render(pipe, params, tags, lora_hashes=lora_hashes)
             images.append(rendered.image)
             paths.append(save_png(rendered, out_dir / f"{prefix}-{i:02d}-{_slug(label)}.png"))
             report(progress, "compare", i + 1, len(cells), label)
     grid = labelled_grid([images], [c[0] for c in cells], scale=scale)
-    text = infotext(params, picked)
-    grid_path = save_image_with_parameters(grid, out_dir / f"{prefix}-grid.png", text,
-                                           {**record(params, picked), "cells": [str(p.name) for p in paths]})
+    extra = hashes_field(picked, lora_hashes)
+    grid_path = save_image_with_parameters(grid, out_dir / f"{prefix}-grid.png", infotext(params, picked, extra),
+                                           {**record(params, picked, extra), "cells": [str(p.name) for p in paths]})
     return ComparisonResult(grid_path, paths, [c[0] for c in cells])
 
 
@@ -243,7 +251,8 @@ def _check_axis(axis: Axis, params: GenParams, names: set[str]) -> None:
 
 
 def xy_grid(pipe, mixer, params: GenParams, x: Axis, y: Axis | None, out_dir: str | Path, *,
-            scale: int = 2, prefix: str = "xy", progress: ProgressCallback | None = None,
+            scale: int = 2, prefix: str = "xy", lora_hashes: dict[str, str] | None = None,
+            progress: ProgressCallback | None = None,
             stop: StopFlag | None = None) -> ComparisonResult:
     """Render every (y, x) combination. The starting point of each cell is the mixer's current strengths;
     axes then change settings or strengths. Cells go to ``out_dir/<prefix>-cells``; the grid to
@@ -270,7 +279,7 @@ def xy_grid(pipe, mixer, params: GenParams, x: Axis, y: Axis | None, out_dir: st
                 strengths = cell.final()
                 state.set(strengths)
                 tags = [(n, u, t) for n, (u, t) in sorted(strengths.items()) if (u, t) != (0.0, 0.0)]
-                rendered = render(pipe, cell.params, tags)
+                rendered = render(pipe, cell.params, tags, lora_hashes=lora_hashes)
                 row.append(rendered.image)
                 paths.append(save_png(rendered, out_dir / f"{prefix}-cells" / f"{prefix}-{r:02d}-{c:02d}.png"))
                 report(progress, "xy-grid", len(paths), total, f"{x.label(xv)}" + (f" / {rows.label(yv)}" if y else ""))
@@ -281,6 +290,7 @@ def xy_grid(pipe, mixer, params: GenParams, x: Axis, y: Axis | None, out_dir: st
     if y is not None:
         extra.update({"Y Type": y.title, "Y Values": ", ".join(map(str, y.values))})
     start_tags = [(n, u, t) for n, (u, t) in sorted(start.items()) if (u, t) != (0.0, 0.0)]
+    extra.update(hashes_field(start_tags, lora_hashes))
     grid_path = save_image_with_parameters(grid, out_dir / f"{prefix}-grid.png", infotext(params, start_tags, extra),
                                            {**record(params, start_tags, extra),
                                             "cells": [str(p.relative_to(out_dir)) for p in paths]})

@@ -15,13 +15,15 @@ hand because no installed library speaks this format.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import re
+import struct
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -120,6 +122,7 @@ class RenderedImage:
     params: GenParams
     loras: list[tuple[str, float, float | None]] = field(default_factory=list)
     infotext: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)   # more infotext fields ("Lora hashes")
 
 
 def _norm_loras(loras: Iterable[Sequence]) -> list[tuple[str, float, float | None]]:
@@ -131,10 +134,11 @@ def _norm_loras(loras: Iterable[Sequence]) -> list[tuple[str, float, float | Non
     return out
 
 
-def render(pipe, params: GenParams, loras: Iterable[Sequence] = (),
-           progress: ProgressCallback | None = None) -> RenderedImage:
+def render(pipe, params: GenParams, loras: Iterable[Sequence] = (), progress: ProgressCallback | None = None,
+           lora_hashes: Mapping[str, str] | None = None) -> RenderedImage:
     """Generate one image. The pipeline's own scheduler is put back afterwards; the noise comes from a CPU
-    generator seeded with ``params.seed``, so a seed gives the same picture on any device."""
+    generator seeded with ``params.seed``, so a seed gives the same picture on any device. ``lora_hashes``
+    (name -> ``lora_hash``) adds A1111's "Lora hashes" field for the LoRAs listed."""
     from .prompt import strip_lora_tags
 
     params = params.check()
@@ -156,7 +160,31 @@ def render(pipe, params: GenParams, loras: Iterable[Sequence] = (),
                       callback_on_step_end=on_step)
     finally:
         pipe.scheduler = original
-    return RenderedImage(result.images[0], params, loras, infotext(params, loras))
+    extra = hashes_field(loras, lora_hashes)
+    return RenderedImage(result.images[0], params, loras, infotext(params, loras, extra), extra)
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's short LoRA hash, which its "Lora hashes" field holds and Civitai uses to link a picture to the
+    LoRA: the first 12 hex digits of the SHA-256 of the file's tensor data (everything after the safetensors
+    header; kohya's "addnet" hash), so editing the metadata does not change it."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            fh.seek(8 + n)
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except (OSError, struct.error) as err:
+        raise InputFileError(f"cannot hash {path}: {err}") from err
+    return digest.hexdigest()[:12]
+
+
+def hashes_field(loras: Iterable[Sequence], hashes: Mapping[str, str] | None) -> dict[str, str]:
+    """``{"Lora hashes": "a: 0123456789ab, b: ..."}`` for the listed LoRAs that have a hash (else empty)."""
+    names = [str(t[0]) for t in loras]
+    text = ", ".join(f"{n}: {hashes[n]}" for n in names if hashes and n in hashes)
+    return {"Lora hashes": text} if text else {}
 
 
 # --------------------------------------------------------------------------- infotext
@@ -286,7 +314,7 @@ def save_image_with_parameters(image: Image.Image, path: str | Path, parameters:
 
 def save_png(rendered: RenderedImage, path: str | Path) -> Path:
     return save_image_with_parameters(rendered.image, path, rendered.infotext,
-                                      record(rendered.params, rendered.loras))
+                                      record(rendered.params, rendered.loras, rendered.extra))
 
 
 def read_png_parameters(path: str | Path) -> str:

@@ -14,7 +14,7 @@ from lora_studio.cli.mix import parse_lora_arg
 from lora_studio.errors import ConfigError
 from lora_studio.mix_preset import (PRESETS_DIR, MixPreset, PresetLora, add_preset_loras, load_mix_preset,
                                     preset_from_dict, save_mix_preset)
-from lora_studio.render import parse_infotext, read_png_parameters
+from lora_studio.render import lora_hash, parse_infotext, read_png_parameters
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -110,6 +110,8 @@ def test_cli_mix_renders_grid_xy_and_saves_preset(tmp_path, base_loader, capsys)
     image = out / "00000-4.png"
     info = parse_infotext(read_png_parameters(image))
     assert info["loras"] == [("alpha", 3.0, None), ("beta", 0.5, None)]
+    hashes = f"alpha: {lora_hash(a)}, beta: {lora_hash(tmp_path / 'loras' / 'beta.safetensors')}"
+    assert info["extra"]["Lora hashes"] == hashes
     assert (info["prompt"], info["steps"], info["seed"], info["width"]) == ("a red circle", 2, 4, 32)
     tiles = sorted(out.glob("compare-0*.png"))
     assert [t.name for t in tiles] == ["compare-00-base.png", "compare-01-alpha_3.png", "compare-02-beta_0.5.png",

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from lora_studio.errors import ConfigError
-from lora_studio.render import (SAMPLERS, GenParams, infotext, make_scheduler, params_from_infotext, parse_infotext,
-                                 read_png_parameters, render, save_png)
+from lora_studio.render import (SAMPLERS, GenParams, infotext, lora_hash, make_scheduler, params_from_infotext,
+                                 parse_infotext, read_png_parameters, render, save_png)
 
 
 @pytest.fixture()
@@ -154,3 +154,30 @@ def test_save_png_writes_parameters_chunk_and_sidecar(pipe, tmp_path):
     assert (side["prompt"], side["negative_prompt"], side["seed"], side["steps"]) == ("a red circle", "blue", 5, 2)
     assert side["loras"] == [{"name": "stripes", "strength": 0.75, "te_strength": None}]
     assert parse_infotext(side["parameters"])["loras"] == [("stripes", 0.75, None)]
+
+
+def test_lora_hash_is_a1111_short_hash_of_the_tensor_data(tmp_path):
+    """A1111 / kohya "addnet" hash: SHA-256 of the bytes after the safetensors header, 12 hex digits; so a
+    metadata edit keeps the hash and a weight edit changes it."""
+    import hashlib
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    t = {"lora_unet_x.lora_down.weight": torch.arange(8.0).reshape(2, 4)}
+    save_file(t, str(tmp_path / "a.safetensors"), metadata={"ss_output_name": "a"})
+    save_file(t, str(tmp_path / "b.safetensors"), metadata={"ss_output_name": "a much longer name", "x": "y"})
+    save_file({k: v + 1 for k, v in t.items()}, str(tmp_path / "c.safetensors"))
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert lora_hash(tmp_path / "a.safetensors") == hashlib.sha256(raw[8 + n:]).hexdigest()[:12]
+    assert lora_hash(tmp_path / "a.safetensors") == lora_hash(tmp_path / "b.safetensors")
+    assert lora_hash(tmp_path / "a.safetensors") != lora_hash(tmp_path / "c.safetensors")
+
+
+def test_render_writes_lora_hashes_field(pipe):
+    r = render(pipe, GenParams("a red circle", steps=1, width=32, height=32), [("a", 0.5), ("b", 1.0)],
+               lora_hashes={"a": "0123456789ab", "b": "ba9876543210", "unused": "ffffffffffff"})
+    assert r.infotext.endswith('Lora hashes: "a: 0123456789ab, b: ba9876543210"')
+    assert parse_infotext(r.infotext)["extra"]["Lora hashes"] == "a: 0123456789ab, b: ba9876543210"

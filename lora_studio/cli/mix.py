@@ -96,7 +96,7 @@ def _next_image_path(out: Path, seed: int) -> Path:
 
 
 def run(args) -> int:
-    from ..compare import comparison_grid, parse_axis, xy_grid
+    from ..compare import comparison_grid, mixer_hashes, parse_axis, xy_grid
     from ..mix import LoraMixer
     from ..mix_preset import MixPreset, add_preset_loras, load_mix_preset, preset_from_mixer, save_mix_preset
     from ..prompt import parse_prompt, resolve_requests
@@ -144,19 +144,20 @@ def run(args) -> int:
 
     out = Path(args.out)
     loras = [(e.name, e.strength, e.te_strength) for e in mixer.entries]
+    hashes = mixer_hashes(mixer)
     mixer.apply()
     try:
-        rendered = render(pipe, params, loras, progress=text_progress())
+        rendered = render(pipe, params, loras, progress=text_progress(), lora_hashes=hashes)
     finally:
         mixer.restore()
     print(f"image: {save_png(rendered, _next_image_path(out, rendered.params.seed))}")
     if args.grid:
         res = comparison_grid(pipe, mixer, rendered.params, [(n, s, t) for n, s, t in loras], out,
-                              progress=text_progress())
+                              lora_hashes=hashes, progress=text_progress())
         print(f"comparison grid: {res.grid_path} ({len(res.image_paths)} tiles: {', '.join(res.labels)})")
     if axes:
         res = xy_grid(pipe, mixer, rendered.params, axes[0], axes[1] if len(axes) > 1 else None, out,
-                      progress=text_progress())
+                      lora_hashes=hashes, progress=text_progress())
         print(f"X/Y grid: {res.grid_path} ({len(res.image_paths)} cells in {out / 'xy-cells'})")
     if args.save_preset:
         saved = preset_from_mixer(mixer, rendered.params, preset.base, preset.lora_dir)

@@ -41,20 +41,19 @@ def test_latent_cache_modes_agree_and_disk_cache_is_reused(setup, tmp_path, monk
 def test_text_cache_encodes_each_caption_once(setup):
     pipe, _ = setup
     calls = []
-    te = pipe.text_encoder
 
-    def counting(ids):
-        calls.append(len(ids))
-        return te(ids)
+    def encode(captions):
+        calls.append(len(captions))
+        return (encode_prompts(pipe.tokenizer, pipe.text_encoder, captions, "cpu"),)
 
-    cache = TextCache(pipe.tokenizer, counting, "cpu")
-    a = cache.get(["a red circle", "a blue square", "a red circle"])
-    b = cache.get(["a blue square"])
+    cache = TextCache(encode)
+    (a,) = cache.get(["a red circle", "a blue square", "a red circle"])
+    (b,) = cache.get(["a blue square"])
     assert calls == [2] and len(cache) == 2
-    ref = encode_prompts(pipe.tokenizer, te, ["a red circle", "a blue square"], "cpu").detach()
+    ref = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle", "a blue square"], "cpu").detach()
     torch.testing.assert_close(a, ref[[0, 1, 0]])
     torch.testing.assert_close(b, ref[[1]])
-    off = TextCache(pipe.tokenizer, counting, "cpu", enabled=False)
+    off = TextCache(encode, enabled=False)
     off.get(["a red circle"])
     off.get(["a red circle"])
     assert calls == [2, 1, 1] and len(off) == 0

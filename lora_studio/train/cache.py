@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -89,22 +90,26 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], device) -> torc
 
 
 class TextCache:
-    """States of a frozen text encoder, computed once per distinct caption (shuffled captions add entries)."""
+    """Outputs of frozen text encoders, computed once per distinct caption (shuffled captions add entries).
 
-    def __init__(self, tokenizer, text_encoder, device, enabled: bool = True) -> None:
-        self.tokenizer, self.text_encoder, self.device, self.enabled = tokenizer, text_encoder, device, enabled
-        self._mem: dict[str, torch.Tensor] = {}
+    ``encode(captions)`` returns a tuple of batch-first tensors (SD: the token states; SDXL: states and pooled).
+    """
 
-    def get(self, captions: list[str]) -> torch.Tensor:
+    def __init__(self, encode: Callable[[list[str]], tuple[torch.Tensor, ...]], enabled: bool = True) -> None:
+        self.encode, self.enabled = encode, enabled
+        self._mem: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def get(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
+        if not self.enabled:
+            with torch.no_grad():
+                return self.encode(captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self._mem]
         if missing:
             with torch.no_grad():
-                states = encode_prompts(self.tokenizer, self.text_encoder, missing, self.device)
-            if not self.enabled:
-                return torch.stack([states[missing.index(c)] for c in captions])
-            for c, s in zip(missing, states):
-                self._mem[c] = s
-        return torch.stack([self._mem[c] for c in captions])
+                outs = self.encode(missing)
+            for j, c in enumerate(missing):
+                self._mem[c] = tuple(o[j] for o in outs)
+        return tuple(torch.stack([self._mem[c][k] for c in captions]) for k in range(len(self._mem[captions[0]])))
 
     def __len__(self) -> int:
         return len(self._mem)

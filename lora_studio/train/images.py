@@ -64,15 +64,26 @@ def choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tupl
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
 
 
+def cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (width, height) with the picture's aspect ratio that covers the bucket."""
+    bw, bh = bucket
+    scale = max(bw / size[0], bh / size[1])
+    return max(bw, round(size[0] * scale)), max(bh, round(size[1] * scale))
+
+
+def crop_top_left(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of the centre crop ``fit_to_bucket`` takes, in resized pixels (SDXL's crop conditioning)."""
+    w, h = cover_size(size, bucket)
+    return (h - bucket[1]) // 2, (w - bucket[0]) // 2
+
+
 def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     """Scale so the picture covers the bucket (keeping its aspect ratio), then crop the centre: no distortion."""
-    bw, bh = bucket
-    scale = max(bw / img.width, bh / img.height)
-    w, h = max(bw, round(img.width * scale)), max(bh, round(img.height * scale))
+    w, h = cover_size(img.size, bucket)
     if (w, h) != img.size:
         img = img.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - bw) // 2, (h - bh) // 2
-    return img.crop((left, top, left + bw, top + bh))
+    top, left = crop_top_left(img.size, bucket)
+    return img.crop((left, top, left + bucket[0], top + bucket[1]))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

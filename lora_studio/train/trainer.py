@@ -19,8 +19,10 @@ import torch
 from ..errors import ConfigError, TrainingError
 from ..family import Family, family_of_pipeline
 from ..progress import ProgressCallback, StopFlag, report
+from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
 from .adapters import InjectedLora, count_parameters, inject_lora, remove_lora, to_kohya_modules
-from .cache import LatentCache, TextCache, encode_prompts
+from .cache import LatentCache
+from .conditioning import Conditioner
 from .config import TrainConfig
 from .dataset import BucketBatches, scan_images, tag_frequency, transform_caption
 from .objective import diffusion_loss, sample_noise
@@ -118,34 +120,31 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     if not cfg.data_dir:
         raise ConfigError("data_dir is empty: give the folder of training images (--data DIR).")
     callbacks = callbacks or TrainCallbacks()
-    run_dir = cfg.run_dir()
 
     items = scan_images(cfg.data_dir, cfg.caption_extension, cfg.trigger_word)
     pipe = pipeline if pipeline is not None else load_base(cfg.base, progress)
     family = family_of_pipeline(pipe)
-    if family is Family.SDXL:
-        raise TrainingError(f"training on SDXL bases ({cfg.base!r}) is not supported yet: use an SD 1.x or SD 2.x "
-                            "base model for now.")
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
     batches = BucketBatches(items, cfg.batch_size, cfg.seed, cfg.resolution, cfg.enable_buckets,
                             cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_step)
-    writer = RunWriter(cfg, run_dir, family, batches, tag_frequency(batches.items))
+    writer = RunWriter(cfg, cfg.run_dir(), family, batches, tag_frequency(batches.items))
     writer.start()
 
-    unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    for m in (unet, te, vae):
+    sdxl = family is Family.SDXL
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    for m in (pipe.unet, pipe.vae, *encoders):
         m.requires_grad_(False)
-    vae.to(device)
-    te.to(device)
-    unet.to(device)
+        m.to(device)
     torch.manual_seed(cfg.seed)
     injected: list[InjectedLora] = []
     try:
-        injected.append(inject_lora(unet, cfg, cfg.target_modules, "lora_unet_"))
+        injected.append(inject_lora(pipe.unet, cfg, cfg.target_modules, "lora_unet_"))
         if cfg.train_text_encoder:
-            injected.append(inject_lora(te, cfg, cfg.text_encoder_target_modules, "lora_te_"))
-        return _run(cfg, pipe, accelerator, device, injected, batches, writer, progress, stop, callbacks)
+            prefixes = [TE1_PREFIX, TE2_PREFIX] if sdxl else [TE_PREFIX]
+            for te, prefix in zip(encoders, prefixes):
+                injected.append(inject_lora(te, cfg, cfg.text_encoder_target_modules, prefix))
+        return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks)
     except torch.OutOfMemoryError as err:
         raise TrainingError(f"out of GPU memory at batch_size {cfg.batch_size}, resolution {cfg.resolution}: "
                             "lower batch_size or resolution, turn on gradient_checkpointing, or use mixed_precision "
@@ -153,59 +152,59 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     finally:
         for inj in injected:
             remove_lora(inj)
-        _restore_modules(cfg, unet, te)
+        _restore_modules(cfg, pipe.unet, *encoders)
         accelerator.free_memory()
 
 
-def _restore_modules(cfg: TrainConfig, *models) -> None:
+def _restore_modules(cfg: TrainConfig, unet, *encoders) -> None:
     """Leave the pipeline's modules as they were: frozen, eval mode, no checkpointing, no mixed-precision
     forward wrapper (``accelerator.prepare`` patches ``forward`` on the instance)."""
-    for m in models:
+    for m in (unet, *encoders):
         m.requires_grad_(False)
         m.eval()
         if m.__dict__.pop("_original_forward", None) is not None:
             m.__dict__.pop("forward", None)
     if cfg.gradient_checkpointing:
-        models[0].disable_gradient_checkpointing()
+        unet.disable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            models[1].gradient_checkpointing_disable()
+            for te in encoders:
+                te.gradient_checkpointing_disable()
 
 
-def _run(cfg: TrainConfig, pipe, accelerator, device, injected: list[InjectedLora], batches: BucketBatches,
-         writer: "RunWriter", progress, stop, callbacks: TrainCallbacks) -> TrainResult:
+def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list[InjectedLora],
+         batches: BucketBatches, writer: RunWriter, progress, stop, callbacks: TrainCallbacks) -> TrainResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    unet, te = pipe.unet, pipe.text_encoder
-    unet_inj = injected[0]
-    te_inj = injected[1] if len(injected) > 1 else None
+    unet = pipe.unet
+    unet_inj, te_injs = injected[0], injected[1:]
+    trained_tes = [inj.model for inj in te_injs]
     trainable = sum(p.numel() for inj in injected for p in inj.parameters())
-    base_params = count_parameters(unet) + (count_parameters(te) if te_inj else 0)
+    base_params = sum(count_parameters(inj.model) for inj in injected)
     report(progress, "train", 0, cfg.steps, f"trainable parameters: {trainable:,} "
            f"({100.0 * trainable / max(1, base_params):.3f}% of {base_params:,})",
            trainable_params=trainable, base_params=base_params)
 
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if te_inj:
+        for te in trained_tes:
             te.gradient_checkpointing_enable()
     groups = [{"params": unet_inj.parameters(), "lr": cfg.learning_rate}]
-    if te_inj:
-        groups.append({"params": te_inj.parameters(), "lr": cfg.text_encoder_lr})
+    if te_injs:
+        groups.append({"params": [p for inj in te_injs for p in inj.parameters()], "lr": cfg.text_encoder_lr})
     optimizer = _make_optimizer(cfg, groups)
     sched_name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps else cfg.lr_scheduler
     lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.steps)
-    models = [unet] + ([te] if te_inj else [])
-    prepared = accelerator.prepare(*models, optimizer)
-    unet_p, optimizer = prepared[0], prepared[-1]
-    te_p = prepared[1] if te_inj else te
+    prepared = accelerator.prepare(unet, *trained_tes, optimizer)
+    unet_p, tes_p, optimizer = prepared[0], list(prepared[1:-1]), prepared[-1]
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = cfg.prediction_type if cfg.prediction_type != "auto" else noise_scheduler.config.prediction_type
     writer.prediction_type = prediction
     latents = LatentCache(pipe.vae, batches.items, cfg.cache_latents, writer.run_dir / "latent-cache", progress)
-    texts = TextCache(pipe.tokenizer, te, device, enabled=cfg.cache_text_embeddings and not te_inj)
+    conditioner = Conditioner(pipe, device, sdxl, trained=bool(te_injs), cache=cfg.cache_text_embeddings,
+                              encoders=tuple(tes_p))
 
     named = {f"{inj.prefix}::{k}": p for inj in injected for k, p in inj.named_parameters().items()}
     step, losses, lrs = 0, [], []
@@ -242,9 +241,8 @@ def _run(cfg: TrainConfig, pipe, accelerator, device, injected: list[InjectedLor
 
     accum, nproc, rank = cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     params = [p for inj in injected for p in inj.parameters()]
-    unet_p.train()
-    if te_inj:
-        te_p.train()
+    for m in (unet_p, *tes_p):
+        m.train()
     def one_step(step: int) -> float:
         """One optimizer step over ``accum`` micro-batches; returns the mean loss."""
         step_loss = 0.0
@@ -261,8 +259,8 @@ def _run(cfg: TrainConfig, pipe, accelerator, device, injected: list[InjectedLor
             noisy = noise_scheduler.add_noise(x0, noise, t)
             sync = accelerator.no_sync(unet_p) if micro < accum - 1 and nproc > 1 else nullcontext()
             with sync, accelerator.autocast():
-                states = encode_prompts(pipe.tokenizer, te_p, captions, device) if te_inj else texts.get(captions)
-                pred = unet_p(noisy, t, encoder_hidden_states=states).sample
+                states, added = conditioner(captions, [batches.items[i] for i in idx])
+                pred = unet_p(noisy, t, encoder_hidden_states=states, added_cond_kwargs=added).sample
                 loss = diffusion_loss(pred, x0, noise, t, noise_scheduler, prediction, cfg.min_snr_gamma)
                 if not torch.isfinite(loss):
                     raise _NonFinite(float(loss.detach()))

@@ -1,0 +1,82 @@
+"""Training on SD 2.x (v-prediction, 1024-wide context) and SDXL (two text encoders, size conditioning) bases:
+the written kohya file names every module as the family's readers expect and diffusers applies it exactly as
+W0 + alpha/r * up @ down."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_studio.demo import make_demo_dataset
+from lora_studio.fileio import load_safetensors
+from lora_studio.lora.keys import kohya_module_name
+from lora_studio.train.config import TrainConfig
+from lora_studio.train.conditioning import sdxl_time_ids
+from lora_studio.train.dataset import ImageItem
+from lora_studio.train.trainer import train
+from tiny_families import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("fam-data"), count=2, repeats=1)
+
+
+def _merge_by_hand(pipe, tensors, prefixes):
+    names = {}
+    for prefix, module in prefixes.items():
+        names.update({kohya_module_name(prefix, n): m for n, m in getattr(pipe, module).named_modules()})
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    unknown = [k for k in downs if k[: -len(".lora_down.weight")] not in names]
+    assert downs and not unknown, unknown[:3]
+    for key in downs:
+        base = key[: -len(".lora_down.weight")]
+        down, up, alpha = tensors[key], tensors[base + ".lora_up.weight"], tensors[base + ".alpha"]
+        with torch.no_grad():
+            names[base].weight += (alpha / down.shape[0]) * (up @ down)
+
+
+@pytest.mark.parametrize("family, prefixes, version", [
+    ("sd2", {"lora_unet_": "unet", "lora_te_": "text_encoder"}, "sd_v2"),
+    ("sdxl", {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}, "sdxl_base_v1-0"),
+])
+def test_family_training_writes_a_file_diffusers_applies_exactly(data, tmp_path, family, prefixes, version):
+    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path), run_name=family, resolution=64, min_bucket_reso=32,
+                      max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=2.0, steps=2, batch_size=2,
+                      learning_rate=1e-2, text_encoder_lr=1e-2, train_text_encoder=True, save_precision="fp32")
+    pipe = tiny_pipeline(family)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    res = train(cfg, pipeline=pipe)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    tensors, meta = load_safetensors(res.lora_path)
+    assert meta["ss_base_model_version"] == version
+    assert {k.split("_")[1] for k in tensors} == {p.split("_")[1] for p in prefixes}   # unet, te / te1, te2
+    if family == "sd2":
+        assert meta["modelspec.prediction_type"] == "v_prediction"               # taken from the base's scheduler
+
+    ours, theirs = tiny_pipeline(family), tiny_pipeline(family)
+    _merge_by_hand(ours, tensors, prefixes)
+    theirs.load_lora_weights(str(res.lora_path))
+    ids = ours.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for module in prefixes.values():
+            if module != "unet":
+                a = getattr(ours, module)(ids, output_hidden_states=True).hidden_states[-2]
+                b = getattr(theirs, module)(ids, output_hidden_states=True).hidden_states[-2]
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        ctx = torch.randn(1, 77, ours.unet.config.cross_attention_dim)
+        extra = {}
+        if family == "sdxl":
+            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32),
+                                           "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
+        x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+        torch.testing.assert_close(theirs.unet(x, t, encoder_hidden_states=ctx, **extra).sample,
+                                   ours.unet(x, t, encoder_hidden_states=ctx, **extra).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_time_ids_follow_diffusers_order():
+    from pathlib import Path
+
+    item = ImageItem(Path("x.png"), "", 1, "c", size=(200, 100), bucket=(96, 40))
+    # cover size for a 96x40 bucket keeps 2:1 -> 96x48; centre crop takes 4 rows off the top
+    assert sdxl_time_ids([item]).tolist() == [[100.0, 200.0, 4.0, 0.0, 40.0, 96.0]]

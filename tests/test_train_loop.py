@@ -165,3 +165,19 @@ def test_checkpointing_changes_nothing_and_bf16_accumulation_vpred_run(tiny_data
     meta = load_safetensors(res.lora_path)[1]
     assert meta["modelspec.prediction_type"] == "v_prediction" and meta["ss_mixed_precision"] == "bf16"
     assert "forward" not in pipe.unet.__dict__ and not pipe.unet.is_gradient_checkpointing  # pipeline left as it was
+
+
+def test_save_cadence_callbacks_and_progress(tmp_path):
+    data = make_demo_dataset(tmp_path / "data", count=2, repeats=1)   # batch 2 -> one batch per epoch
+    events, saves, steps = [], [], []
+    cb = TrainCallbacks(on_step=lambda s, loss: steps.append(s), on_save=lambda s, p: saves.append((s, p.name)))
+    res = train(_cfg(data, tmp_path, steps=4, save_every_n_epochs=2, save_every_n_steps=3, save_state_every_n_steps=1),
+                progress=events.append, callbacks=cb, pipeline=random_demo_pipeline())
+    assert steps == [1, 2, 3, 4]
+    assert saves == [(2, "run-step000002.safetensors"), (3, "run-step000003.safetensors"), (4, "run.safetensors")]
+    assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == ["latest.json", "step-000003"]
+    first = next(e for e in events if "trainable_params" in e.metrics)
+    assert first.metrics["trainable_params"] == res.trainable_params and "% of" in first.message
+    train_events = [e for e in events if e.stage == "train" and "loss" in e.metrics]
+    assert [e.current for e in train_events] == [1, 2, 3, 4] and all(e.total == 4 for e in train_events)
+    assert load_safetensors(res.lora_path)[1]["ss_epoch"] == "4"

@@ -9,6 +9,7 @@ import torch
 
 from lora_studio.demo import make_demo_dataset
 from lora_studio.fileio import load_safetensors
+from lora_studio.mix import LoraMixer
 from lora_studio.lora.keys import kohya_module_name
 from lora_studio.train.config import TrainConfig
 from lora_studio.train.conditioning import sdxl_time_ids
@@ -70,8 +71,17 @@ def test_family_training_writes_a_file_diffusers_applies_exactly(data, tmp_path,
             extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32),
                                            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
         x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
-        torch.testing.assert_close(theirs.unet(x, t, encoder_hidden_states=ctx, **extra).sample,
-                                   ours.unet(x, t, encoder_hidden_states=ctx, **extra).sample, rtol=1e-4, atol=1e-5)
+        expected = ours.unet(x, t, encoder_hidden_states=ctx, **extra).sample
+        torch.testing.assert_close(theirs.unet(x, t, encoder_hidden_states=ctx, **extra).sample, expected,
+                                   rtol=1e-4, atol=1e-5)
+        mixed = tiny_pipeline(family)                                           # LoRA Studio's own reader/mixer
+        mixer = LoraMixer(mixed)
+        name = mixer.add(res.lora_path)
+        assert mixer.entries[0].unmatched == [] and mixer.entries[0].matched == len(
+            [k for k in tensors if k.endswith(".lora_down.weight")]), name
+        mixer.apply()
+        torch.testing.assert_close(mixed.unet(x, t, encoder_hidden_states=ctx, **extra).sample, expected,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_sdxl_time_ids_follow_diffusers_order():

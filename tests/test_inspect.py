@@ -59,13 +59,14 @@ def test_inspect_real_lokr_and_cli(real_loras, capsys):
     assert "LoKr       rank 4    alpha 4" in out and "text encoder layer 11" in out and "ss_network_module" in out
 
 
-def test_inspect_refused_files_still_show_their_header(real_loras, capsys):
+def test_inspect_refused_and_positional_files(real_loras, capsys):
     assert main(["inspect", str(real_loras / "flux_lora_mislabelled_sd15.safetensors")]) == 1
     out = capsys.readouterr().out
     assert "FLUX" in out and "ss_base_model_version = sd_1.5" in out
-    assert main(["inspect", "--json", str(real_loras / "lora_disney.safetensors")]) == 1
+    assert main(["inspect", "--json", str(real_loras / "lora_disney.safetensors")]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert "cloneofsimo" in data["problem"] and data["tensor_count"] == 386
+    assert data["format"] == "cloneofsimo" and data["family"] == "sd1" and data["tensor_count"] == 386
+    assert data["problem"] is None and len(data["modules"]) == 192 and "cloneofsimo layout" in data["notes"][0]
 
 
 def test_inspect_checkpoint_is_not_a_lora(tmp_path, capsys):

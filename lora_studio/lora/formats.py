@@ -25,7 +25,8 @@ import torch
 from ..errors import FamilyMismatchError, LoraFormatError
 from ..family import Family, family_from_context_dim, family_from_metadata
 from ..fileio import load_safetensors, refuse_pickle, save_safetensors_atomic
-from .keys import KOHYA_PREFIXES, component_of_kohya_name, kohya_module_name, kohya_prefix_for, split_peft_key
+from .keys import (KOHYA_PREFIXES, cloneofsimo_text_names, cloneofsimo_unet_names, component_of_kohya_name,
+                   kohya_module_name, kohya_prefix_for, split_peft_key)
 
 
 @dataclass
@@ -177,10 +178,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     elif any(split_peft_key(k) for k in keys):
         modules, embeddings, fmt = _group_peft(p, tensors, metadata), {}, "peft"
     elif any(re.fullmatch(r"(unet|text_encoder):\d+:(up|down)", k) for k in keys):
-        raise LoraFormatError(
-            f"{p} is in the cloneofsimo/lora format (keys like 'unet:0:up', 'text_encoder:0:down' listed by "
-            "position, plus token vectors), not kohya or diffusers keys. LoRA Studio does not read that format; "
-            "convert it with cloneofsimo's tools or use a kohya/Civitai or diffusers LoRA.")
+        modules, embeddings, fmt = *_group_cloneofsimo(p, tensors, metadata), "cloneofsimo"
     else:
         raise _fail(p, "no key follows a known LoRA scheme (kohya 'lora_unet_'/'lora_te_' or diffusers/peft "
                        "'unet.'/'text_encoder.' with lora_A/lora_B); first keys", sorted(keys))
@@ -190,6 +188,9 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         raise _fail(p, "non-finite weights (NaN or inf); the file is broken, download or export it again",
                     nonfinite)
     lf = LoraFile(p, modules, metadata, fmt, None, embeddings)
+    if fmt == "cloneofsimo":
+        lf.notes.append("cloneofsimo layout: modules named by position in the SD UNet/CLIP order, checked "
+                        "against their shapes; token vectors are not applied")
     lf.family = _family(lf)
     return lf
 
@@ -309,6 +310,55 @@ def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[
             if alpha is not None:
                 mod.alpha = alpha
     return modules
+
+
+def _group_cloneofsimo(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+                       ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
+    """cloneofsimo/lora files: ``unet:N:up/down`` and ``text_encoder:N:up/down`` by position, the target
+    classes in the metadata, token vectors under their token (``<s1>``). See ``keys.cloneofsimo_unet_names``."""
+    def refuse(why: str) -> LoraFormatError:
+        return LoraFormatError(f"{p} is in the cloneofsimo/lora format (modules stored by position, "
+                               f"'unet:0:up'...), and its modules cannot be placed reliably: {why}. Convert it to "
+                               "a kohya/Civitai or diffusers LoRA with cloneofsimo's tools.")
+    pos: dict[str, dict[int, dict[str, torch.Tensor]]] = {"unet": {}, "text_encoder": {}}
+    embeddings, bad = {}, []
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(unet|text_encoder):(\d+):(up|down)", key)
+        if m:
+            pos[m.group(1)].setdefault(int(m.group(2)), {})[m.group(3)] = t
+        elif metadata.get(key) == "<embed>":
+            embeddings[key] = t
+        else:
+            bad.append(key)
+    if bad:
+        raise _fail(p, "keys outside the cloneofsimo scheme", bad)
+    try:
+        targets = {c: set(json.loads(metadata.get(c, "[]"))) for c in pos}
+    except json.JSONDecodeError as err:
+        raise refuse(f"its target list is not JSON ({err})") from err
+    for comp, entries in pos.items():
+        if sorted(entries) != list(range(len(entries))) or any(len(e) != 2 for e in entries.values()):
+            raise refuse(f"the {comp} positions are not complete up/down pairs 0..{len(entries) - 1}")
+    if targets["unet"] - {"CrossAttention", "Attention", "GEGLU"} or targets["text_encoder"] - {"CLIPAttention"}:
+        raise refuse(f"it targets {sorted(targets['unet'] | targets['text_encoder'])}, beyond attention and GEGLU")
+    modules: dict[str, LoraModule] = {}
+    if pos["unet"]:
+        ups = [tuple(pos["unet"][i]["up"].shape) for i in range(len(pos["unet"]))]
+        downs = [tuple(pos["unet"][i]["down"].shape) for i in range(len(pos["unet"]))]
+        names, why = cloneofsimo_unet_names(ups, downs, bool(targets["unet"] & {"CrossAttention", "Attention"}),
+                                            "GEGLU" in targets["unet"])
+        if names is None:
+            raise refuse(why)
+        for i, n in enumerate(names):
+            modules[kohya_module_name("lora_unet_", n)] = (pos["unet"][i]["down"], pos["unet"][i]["up"])
+    if pos["text_encoder"]:
+        if len(pos["text_encoder"]) % 4 or any(pos["text_encoder"][i]["up"].shape[0] != pos["text_encoder"][0]["up"]
+                                                .shape[0] for i in pos["text_encoder"]):
+            raise refuse("its text-encoder modules are not whole CLIP attention layers")
+        for i, n in enumerate(cloneofsimo_text_names(len(pos["text_encoder"]))):
+            modules[kohya_module_name("lora_te_", n)] = (pos["text_encoder"][i]["down"], pos["text_encoder"][i]["up"])
+    return {n: _build_module(p, n, {"lora_down.weight": d, "lora_up.weight": u}) for n, (d, u) in modules.items()}, \
+        embeddings
 
 
 def _family(lf: LoraFile) -> Family | None:

@@ -292,3 +292,53 @@ def match_modules(lora_file, pipe, check_shapes: bool = True) -> MatchResult:
         raise LoraFormatError(f"{head} (it was made for a model of another size): {'; '.join(bad[:5])}"
                               f"{' ...' if len(bad) > 5 else ''}. Use a LoRA trained on this base model.")
     return result
+
+
+# --------------------------------------------------------------------------- cloneofsimo/lora (positional) layout
+# cloneofsimo/lora saves modules by position ("unet:17:up"), in the order torch's ``modules()`` met them in the
+# diffusers SD1/SD2 UNet and transformers' CLIP text encoder. These tables give that order; the reader checks
+# every position against the shapes it implies (block widths, cross-attention width, the 8x-wide GEGLU).
+SD_UNET_TRANSFORMERS = ([(f"down_blocks.{i}.attentions.{j}", i) for i in range(3) for j in range(2)]
+                        + [(f"up_blocks.{i}.attentions.{j}", 3 - i) for i in (1, 2, 3) for j in range(3)]
+                        + [("mid_block.attentions.0", 3)])  # (path, width level) in registration order
+SD_WIDTHS = (320, 640, 1280, 1280)
+ATTN_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_ATTENTION_LINEARS = ("k_proj", "v_proj", "q_proj", "out_proj")  # CLIPAttention's registration order
+
+
+def cloneofsimo_unet_names(ups: list[tuple[int, ...]], downs: list[tuple[int, ...]], attention: bool, geglu: bool
+                           ) -> tuple[list[str] | None, str]:
+    """Module names for the positional UNet entries of a cloneofsimo file, or (None, why) when the shapes do
+    not fit the SD1/SD2 UNet. ``ups``/``downs`` are the up/down weight shapes by position."""
+    per = (8 if attention else 0) + (1 if geglu else 0)
+    if per == 0 or len(ups) != per * len(SD_UNET_TRANSFORMERS):
+        return None, (f"{len(ups)} UNet modules, but the SD 1.x/2.x UNet has {per * len(SD_UNET_TRANSFORMERS)} "
+                      "for these target classes")
+    names: list[str] = []
+    context = None
+    for b, (path, level) in enumerate(SD_UNET_TRANSFORMERS):
+        width = SD_WIDTHS[level]
+        pos = list(range(b * per, (b + 1) * per))
+        block = []
+        ff = [p for p in pos if ups[p][0] == 8 * width and downs[p][1] == width]
+        if geglu and len(ff) != 1:
+            return None, f"no single 8x-wide GEGLU projection among positions {pos[0]}..{pos[-1]}"
+        attn_pos = [p for p in pos if p not in ff]
+        if attention:
+            for k, p in enumerate(attn_pos):
+                cross = k in (5, 6)  # attn2.to_k / attn2.to_v read the text-encoder context
+                if ups[p][0] != width or (not cross and downs[p][1] != width):
+                    return None, f"position {p} has shape {ups[p][0]}x{downs[p][1]}, expected width {width}"
+                if cross:
+                    context = context or downs[p][1]
+                    if downs[p][1] != context:
+                        return None, f"position {p} reads a context of {downs[p][1]}, others {context}"
+                block.append(f"{path}.transformer_blocks.0.attn{1 + k // 4}.{ATTN_LINEARS[k % 4]}")
+        by_pos = dict(zip(attn_pos, block)) | {p: f"{path}.transformer_blocks.0.ff.net.0.proj" for p in ff}
+        names += [by_pos[p] for p in pos]
+    return names, ""
+
+
+def cloneofsimo_text_names(count: int) -> list[str]:
+    """Module names (transformers-4 spelling) for ``count`` positional CLIPAttention linears."""
+    return [f"text_model.encoder.layers.{i // 4}.self_attn.{CLIP_ATTENTION_LINEARS[i % 4]}" for i in range(count)]

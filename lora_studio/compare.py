@@ -170,6 +170,9 @@ class Axis:
     def __post_init__(self) -> None:
         if self.kind not in AXIS_KINDS:
             raise ConfigError(f"unknown grid axis {self.kind!r}. Choose one of: {', '.join(AXIS_KINDS)}.")
+        if self.lora is not None and self.kind not in ("strength", "te_strength"):
+            raise ConfigError(f"grid axis {self.kind}:{self.lora}: only strength and te_strength axes take a "
+                              "LoRA name after a colon.")
         if not self.values:
             raise ConfigError(f"grid axis {self.kind!r} has no values. Give at least one, e.g. {self.kind}=0,0.5,1.")
         convert = {"strength": float, "te_strength": float, "seed": int, "steps": int, "cfg": float,
@@ -188,7 +191,9 @@ class Axis:
     def label(self, value: Any) -> str:
         if self.kind in ("strength", "te_strength", "cfg"):
             return f"{self.title}: {_fmt(value)}"
-        if self.kind in ("lora", "prompt"):
+        if self.kind == "lora":
+            return "base" if str(value).lower() in ("none", "base") else str(value)
+        if self.kind == "prompt":
             return str(value)
         return f"{self.title}: {value}"
 
@@ -260,30 +265,36 @@ def xy_grid(pipe, mixer, params: GenParams, x: Axis, y: Axis | None, out_dir: st
     out_dir = Path(out_dir)
     params = params.check()
     rows = y or Axis("seed", [params.seed])
+    names = {e.name for e in mixer.entries}
+    for axis in (x, y):
+        if axis is not None:
+            _check_axis(axis, params, names)
     with _MixState(mixer) as state:
-        names = set(state.saved)
-        for axis in (x, y):
-            if axis is not None:
-                _check_axis(axis, params, names)
         start = state.effective()
         on = {n for n, v in start.items() if v != (0.0, 0.0)}
         first = _Cell(params, start, on or set(names))   # nothing on yet: strength axes speak for every LoRA
-        total = len(rows.values) * len(x.values)
-        images, paths = [], []
+        plan = []   # (row, col, cell, label): built and checked before the first (slow) render
         for r, yv in enumerate(rows.values):
-            row = []
             row_cell = _step(first, rows, yv) if y is not None else first
             for c, xv in enumerate(x.values):
-                _check_stop(stop, len(paths))
                 cell = _step(row_cell, x, xv)
-                strengths = cell.final()
-                state.set(strengths)
-                tags = [(n, u, t) for n, (u, t) in sorted(strengths.items()) if (u, t) != (0.0, 0.0)]
-                rendered = render(pipe, cell.params, tags, lora_hashes=lora_hashes)
-                row.append(rendered.image)
-                paths.append(save_png(rendered, out_dir / f"{prefix}-cells" / f"{prefix}-{r:02d}-{c:02d}.png"))
-                report(progress, "xy-grid", len(paths), total, f"{x.label(xv)}" + (f" / {rows.label(yv)}" if y else ""))
-            images.append(row)
+                try:
+                    cell.params = cell.params.check()
+                except ConfigError as err:
+                    raise ConfigError(f"grid cell {x.label(xv)}" + (f" / {rows.label(yv)}" if y else "")
+                                      + f": {err}") from None
+                plan.append((r, c, cell, x.label(xv) + (f" / {rows.label(yv)}" if y else "")))
+        images: list[list] = [[] for _ in rows.values]
+        paths = []
+        for r, c, cell, label in plan:
+            _check_stop(stop, len(paths))
+            strengths = cell.final()
+            state.set(strengths)
+            tags = [(n, u, t) for n, (u, t) in sorted(strengths.items()) if (u, t) != (0.0, 0.0)]
+            rendered = render(pipe, cell.params, tags, lora_hashes=lora_hashes)
+            images[r].append(rendered.image)
+            paths.append(save_png(rendered, out_dir / f"{prefix}-cells" / f"{prefix}-{r:02d}-{c:02d}.png"))
+            report(progress, "xy-grid", len(paths), len(plan), label)
     grid = labelled_grid(images, [x.label(v) for v in x.values], [rows.label(v) for v in rows.values] if y else [],
                          scale=scale)
     extra = {"X Type": x.title, "X Values": ", ".join(map(str, x.values))}
@@ -294,5 +305,4 @@ def xy_grid(pipe, mixer, params: GenParams, x: Axis, y: Axis | None, out_dir: st
     grid_path = save_image_with_parameters(grid, out_dir / f"{prefix}-grid.png", infotext(params, start_tags, extra),
                                            {**record(params, start_tags, extra),
                                             "cells": [str(p.relative_to(out_dir)) for p in paths]})
-    labels = [f"{x.label(xv)}" + (f" / {rows.label(yv)}" if y else "") for yv in rows.values for xv in x.values]
-    return ComparisonResult(grid_path, paths, labels)
+    return ComparisonResult(grid_path, paths, [label for *_, label in plan])

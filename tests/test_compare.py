@@ -200,3 +200,13 @@ def test_te_strength_axis_and_stop_flag(pipe, two_loras, tmp_path):
     after = _weights(pipe)
     assert all(torch.equal(base_weights[k], after[k]) for k in base_weights)
     assert [(e.strength, e.te_strength) for e in mixer.entries] == [(2.0, None)]
+
+
+def test_bad_cells_fail_before_any_render(pipe, tmp_path):
+    from lora_studio.mix import LoraMixer
+
+    with pytest.raises(ConfigError, match="Steps: 0.*at least 1"):
+        xy_grid(pipe, LoraMixer(pipe), PARAMS, parse_axis("steps=2,0"), None, tmp_path)
+    assert not (tmp_path / "xy-cells").exists()
+    with pytest.raises(ConfigError, match="only strength and te_strength"):
+        parse_axis("seed:alpha=1,2")

@@ -167,17 +167,18 @@ class LoraMixer:
         """Write ``W0 + sum s_i b_i dW_i`` into every touched weight (and W0 back into weights no longer touched)."""
         contribs = self.contributions()
         for key in contribs:
-            if key not in self._originals:
-                self._originals[key] = self._weight(key).detach().clone()
+            if key not in self._originals:  # kept on the CPU: GPU memory holds only the live weights
+                self._originals[key] = self._weight(key).detach().to("cpu", copy=True)
         for key, w0 in self._originals.items():
             param = self._weight(key)
             terms = [(c, m) for c, m in contribs.get(key, []) if c != 0.0]
             if not terms:
                 param.copy_(w0)
                 continue
-            acc = w0.to(torch.float32).clone()
+            acc = w0.to(device=param.device, dtype=torch.float32, copy=True)
             for coeff, mod in terms:
-                acc.add_(module_delta(mod, tuple(w0.shape), base=w0), alpha=coeff)
+                acc.add_(module_delta(mod, tuple(w0.shape), base=w0, device=param.device),
+                         alpha=coeff)
             if not bool(torch.isfinite(acc).all()):
                 raise ExportError(f"the mix gives non-finite values in {key[0]}.{key[1]}; lower the strengths.")
             param.copy_(acc.to(param.dtype))

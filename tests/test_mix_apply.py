@@ -201,3 +201,26 @@ def test_sd2_lora_on_sd1_model_names_both_families(tmp_path, pipe):
     assert "SD 2.x" in str(err.value) and "SD 1.x" in str(err.value)
     with pytest.raises(FamilyMismatchError, match="SD 1.x.*SD 2.x"):
         LoraMixer(sd2).add(write_kohya_lora(tmp_path / "sd1.safetensors", pipe))
+
+
+def test_dora_and_loha_mix_by_their_formulas(tmp_path, pipe):
+    from lora_factories import write_dora, write_loha
+
+    fd = write_dora(tmp_path / "d.safetensors", pipe, direction="in")
+    fh = write_loha(tmp_path / "h.safetensors", pipe, rank=2, alpha=1.0)
+    base = copy.deepcopy(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(fd, strength=0.5)
+    mixer.add(fh, strength=-1.0)
+    mixer.apply()
+    module = "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+    name = "lora_unet_" + module.replace(".", "_")
+    d, h = load_file(str(fd)), load_file(str(fh))
+    w0 = base.unet.get_submodule(module).weight.double()
+    merged = w0 + d[f"{name}.lora_up.weight"].double() @ d[f"{name}.lora_down.weight"].double() * 2.0 / 4
+    dora = d[f"{name}.dora_scale"].double() * merged / merged.norm(dim=0, keepdim=True)  # per input column
+    loha = (h[f"{name}.hada_w1_a"].double() @ h[f"{name}.hada_w1_b"].double()) * \
+        (h[f"{name}.hada_w2_a"].double() @ h[f"{name}.hada_w2_b"].double()) * (1.0 / 2)
+    want = w0 + 0.5 * (dora - w0) - 1.0 * loha
+    assert torch.allclose(pipe.unet.get_submodule(module).weight.double(), want, atol=1e-6)
+    assert [e.kind for e in mixer.entries] == ["LoRA, DoRA", "LoHa"]

@@ -133,8 +133,10 @@ def apply_dora(delta: torch.Tensor, base: torch.Tensor, dora_scale: torch.Tensor
     return merged * (m / norm) - w0
 
 
-def module_delta(mod: LoraModule, weight_shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp32 delta this module adds to a weight of ``weight_shape`` at strength 1.
+def module_delta(mod: LoraModule, weight_shape: tuple[int, ...], base: torch.Tensor | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The fp32 delta this module adds to a weight of ``weight_shape`` at strength 1, on ``device``
+    (default: the factors' device).
 
     DoRA modules need the base weight ``base`` (the unmodified W0) because their delta depends on it.
     """
@@ -142,9 +144,11 @@ def module_delta(mod: LoraModule, weight_shape: tuple[int, ...], base: torch.Ten
     if delta_shape(mod, weight_shape) is None:
         raise LoraFormatError(f"module {mod.name}: its delta has shape {natural_shape(mod)}, which does not fit "
                               f"the weight's shape {weight_shape}. The LoRA was made for another model.")
+    if device is not None:
+        mod = LoraModule(mod.name, mod.kind, {k: v.to(device) for k, v in mod.tensors.items()}, mod.alpha, mod.rank)
     d = raw_delta(mod).reshape(weight_shape)
     if "dora_scale" in mod.tensors:
         if base is None:
             raise ValueError(f"module {mod.name} is DoRA: module_delta needs the base weight")
-        d = apply_dora(d, base, mod.tensors["dora_scale"])
+        d = apply_dora(d, base.to(d.device), mod.tensors["dora_scale"])
     return d

@@ -120,3 +120,17 @@ def resolve_requests(requests: tuple[LoraRequest, ...] | list[LoraRequest],
         raise ConfigError(f"the prompt asks for {names}, but no LoRA folder was given. "
                           "Pass --lora-dir (or pick the folder in the app).")
     return [(r, resolve(r.name, folder)) for r in requests]
+
+
+def add_prompt_loras(mixer, text: str, folder: str | Path | None, allow_partial: bool = False) -> ParsedPrompt:
+    """Put the prompt's LoRAs into ``mixer`` (for an app that re-renders as the user edits the prompt): a file
+    already in the mix gets the tag's strengths (no second read); a new one is read and added. Returns the
+    parsed prompt; call ``mixer.apply()`` next."""
+    parsed = parse_prompt(text)
+    for req, path in resolve_requests(parsed.loras, folder):
+        known = [e for e in mixer.entries if e.path is not None and Path(e.path).resolve() == path.resolve()]
+        if known:
+            mixer.set_strength(known[0].name, unet=req.strength, te=req.effective_te)
+        else:
+            mixer.add(str(path), strength=req.strength, te_strength=req.te_strength, allow_partial=allow_partial)
+    return parsed

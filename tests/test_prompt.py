@@ -65,3 +65,22 @@ def test_resolve_requests_against_a_folder(tmp_path):
     assert "'missing'" in msg and "stripes" in msg and "styles/Dots" in msg and "notes" not in msg
     with pytest.raises(ConfigError, match="no LoRA folder"):
         resolve_requests(parsed.loras, None)
+
+
+def test_add_prompt_loras_reads_each_file_once(tmp_path, monkeypatch):
+    from lora_factories import demo_or_random_pipeline, write_kohya_lora
+    import lora_studio.mix as mix
+    from lora_studio.mix import LoraMixer
+    from lora_studio.prompt import add_prompt_loras
+
+    pipe = demo_or_random_pipeline()
+    write_kohya_lora(tmp_path / "stripes.safetensors", pipe, seed=1)
+    reads = []
+    real = mix.read_lora
+    monkeypatch.setattr(mix, "read_lora", lambda p: reads.append(p) or real(p))
+    mixer = LoraMixer(pipe)
+    parsed = add_prompt_loras(mixer, "a red circle <lora:stripes:0.5>", tmp_path)
+    assert parsed.prompt == "a red circle" and len(reads) == 1
+    add_prompt_loras(mixer, "a red circle <lora:stripes:0.2:0.9>", tmp_path)   # edited tag: te 0.2, unet 0.9
+    assert len(reads) == 1
+    assert [(e.name, e.strength, e.effective_te_strength) for e in mixer.entries] == [("stripes", 0.9, 0.2)]

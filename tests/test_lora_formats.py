@@ -195,3 +195,41 @@ def test_shapes_win_over_metadata(tmp_path):
               str(tmp_path / "sd2.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
     lf = read_lora(tmp_path / "sd2.safetensors")
     assert lf.family is Family.SD2 and "metadata claims SD 1.x" in lf.notes[0]
+
+
+LDM_UNETS = {
+    "sd1-like": dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=32,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "sdxl-like": dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=48,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=32 + 6 * 8),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LDM_UNETS))
+def test_ldm_names_agree_with_diffusers_checkpoint_converter(kind):
+    """Every UNet parameter renamed to original (ldm) names by keys.diffusers_unet_to_ldm, then converted back by
+    diffusers' own single-file converter, lands on the same parameter (kohya SDXL LoRAs use these names)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from lora_studio.lora.keys import UnetLayout, diffusers_unet_to_ldm
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, attention_head_dim=4,
+                                norm_num_groups=8, **LDM_UNETS[kind])
+    layout = UnetLayout.from_config(unet.config)
+    sd = unet.state_dict()
+    ldm = {}
+    for key, value in sd.items():
+        module, param = key.rsplit(".", 1)
+        new = diffusers_unet_to_ldm(module, layout)
+        assert new is not None, key
+        ldm[f"model.diffusion_model.{new}.{param}"] = value
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert set(back) == set(sd)
+    for key in sd:
+        assert torch.equal(back[key].reshape(sd[key].shape), sd[key]), key

@@ -181,3 +181,20 @@ def test_save_cadence_callbacks_and_progress(tmp_path):
     train_events = [e for e in events if e.stage == "train" and "loss" in e.metrics]
     assert [e.current for e in train_events] == [1, 2, 3, 4] and all(e.total == 4 for e in train_events)
     assert load_safetensors(res.lora_path)[1]["ss_epoch"] == "4"
+
+
+@pytest.mark.parametrize("name, module, cls", [("adamw8bit", "bitsandbytes", "AdamW8bit"),
+                                               ("prodigy", "prodigyopt", "Prodigy")])
+def test_optional_optimizers_are_used_when_installed_else_named(name, module, cls):
+    import importlib.util
+
+    from lora_studio.errors import ConfigError
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0}]
+    cfg = TrainConfig(optimizer=name)
+    if importlib.util.find_spec(module) is None:
+        with pytest.raises(ConfigError, match=f"pip install {module}.*'adamw'"):
+            trainer_mod._make_optimizer(cfg, groups)
+    else:
+        assert type(trainer_mod._make_optimizer(cfg, groups)).__name__ == cls
+    assert isinstance(trainer_mod._make_optimizer(TrainConfig(), groups), torch.optim.AdamW)

@@ -64,12 +64,14 @@ def test_resolve_errors_list_the_folder(folder, tmp_path):
 
 def test_scan_real_lora_folder(real_loras):
     """Files made by other tools: the kohya/LyCORIS LoKr files list with their family, kind, rank and trigger
-    words; the cloneofsimo-format and FLUX files are listed with a reason instead of breaking the scan."""
+    words; the cloneofsimo-format files read as SD1 LoRAs; the FLUX file is listed with the reason it is refused
+    instead of breaking the scan."""
     items = {i.name: i for i in scan_library(real_loras)}
     assert len(items) == 7
     for rank in (4, 8, 16):
         falcon = items[f"smart_falcon_{rank}_lokr"]
         assert (falcon.error, falcon.family, falcon.kind, falcon.rank) == (None, "sd1", "LoKr", rank)
         assert "smf girl" in falcon.trigger_words
-    assert "cloneofsimo" in items["lora_disney"].error
+    for name in ("lora_disney", "analog_svd_rank4"):
+        assert (items[name].error, items[name].family, items[name].kind) == (None, "sd1", "LoRA")
     assert "FLUX" in items["flux_lora_mislabelled_sd15"].error

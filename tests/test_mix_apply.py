@@ -224,3 +224,26 @@ def test_dora_and_loha_mix_by_their_formulas(tmp_path, pipe):
     want = w0 + 0.5 * (dora - w0) - 1.0 * loha
     assert torch.allclose(pipe.unet.get_submodule(module).weight.double(), want, atol=1e-6)
     assert [e.kind for e in mixer.entries] == ["LoRA, DoRA", "LoHa"]
+
+
+def test_remove_returns_its_modules_to_w0_and_names_are_unique(tmp_path, pipe):
+    fa = write_kohya_lora(tmp_path / "a.safetensors", pipe, seed=1)
+    fb = write_kohya_lora(tmp_path / "b.safetensors", pipe, seed=2, conv=True)
+    before = params(pipe)
+    mixer = LoraMixer(pipe)
+    assert [mixer.add(fa), mixer.add(fa, strength=0.3), mixer.add(fb, name="b")] == ["a", "a_2", "b"]
+    mixer.apply()
+    mixer.remove("b")
+    mixer.remove("a_2")
+    mixer.apply()
+    only_a = copy.deepcopy(pipe)
+    mixer.remove("a")
+    mixer.apply()
+    assert all(torch.equal(v, before[k]) for k, v in params(pipe).items())
+    fresh = LoraMixer(pipe)
+    fresh.add(fa)
+    fresh.apply()
+    want = params(only_a)
+    assert all(torch.equal(v, want[k]) for k, v in params(pipe).items())
+    with pytest.raises(ConfigError, match="no LoRA named 'zzz'.*a"):
+        fresh.set_strength("zzz", unet=1.0)

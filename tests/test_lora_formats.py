@@ -233,3 +233,16 @@ def test_ldm_names_agree_with_diffusers_checkpoint_converter(kind):
     assert set(back) == set(sd)
     for key in sd:
         assert torch.equal(back[key].reshape(sd[key].shape), sd[key]), key
+
+
+def test_bundled_embeddings_are_kept_and_reported(tmp_path, pipe):
+    from lora_studio.mix import LoraMixer
+
+    path = _corrupt(tmp_path, pipe, lambda sd: sd.update({"bundle_emb.sks.string_to_param.*": torch.ones(2, 32)}))
+    lf = read_lora(path)
+    assert list(lf.embeddings) == ["sks.string_to_param.*"] and len(lf.modules) > 0
+    mixer = LoraMixer(copy.deepcopy(pipe))
+    with pytest.raises(LoraFormatError, match="token embeddings"):
+        mixer.add(lf)
+    mixer.add(lf, allow_partial=True)
+    assert mixer.entries[0].unmatched == ["<embedding sks.string_to_param.*>"]

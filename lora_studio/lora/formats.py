@@ -118,12 +118,6 @@ KOHYA_SUFFIXES = {
 UNSUPPORTED_SUFFIXES = {"oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "oft_R": "LyCORIS BOFT",
                         "a1.weight": "LyCORIS GLoRA", "b1.weight": "LyCORIS GLoRA", "on_input": "LyCORIS (IA)^3",
                         "diff_b": "LyCORIS bias diff", "bias_indices": "LyCORIS sparse bias"}
-REQUIRED = {
-    "lora": [("lora_down.weight", "lora_up.weight")],
-    "loha": [("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")],
-    "lokr": [("lokr_w1",), ("lokr_w1_a", "lokr_w1_b")],  # and one of the w2 forms, checked below
-    "full": [("diff",)],
-}
 # Key fragments of LoRAs for model families LoRA Studio does not handle.
 FOREIGN_MARKERS = (
     ("single_transformer_blocks", "FLUX"), ("double_blocks", "FLUX"), ("single_blocks", "FLUX"),
@@ -136,8 +130,9 @@ FOREIGN_MARKERS = (
 class LoraFile:
     """One LoRA file, read: modules keyed by kohya name, the header metadata, the layout and the base family.
 
-    ``format`` is "kohya" (kohya/Civitai/LyCORIS keys) or "peft" (diffusers/peft keys). ``embeddings`` holds
-    token vectors some files carry (textual inversion); ``notes`` says what the reader had to decide.
+    ``format`` is "kohya" (kohya/Civitai/LyCORIS keys), "peft" (diffusers/peft keys) or "cloneofsimo".
+    ``embeddings`` holds token vectors some files carry (kohya ``bundle_emb.*``, cloneofsimo ``<s1>``): they are
+    reported, not applied. ``notes`` says what the reader had to decide.
     """
 
     path: Path
@@ -174,7 +169,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     _refuse_foreign(p, tensors, metadata)
     keys = list(tensors)
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
-        modules, embeddings, fmt = _group_kohya(p, tensors), {}, "kohya"
+        modules, embeddings, fmt = *_group_kohya(p, tensors), "kohya"
     elif any(split_peft_key(k) for k in keys):
         modules, embeddings, fmt = _group_peft(p, tensors, metadata), {}, "peft"
     elif any(re.fullmatch(r"(unet|text_encoder):\d+:(up|down)", k) for k in keys):
@@ -263,17 +258,19 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
     return LoraModule(name, kind, tens, alpha, rank)
 
 
-def _group_kohya(p: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, LoraModule]:
-    names, bad = {}, []
+def _group_kohya(p: Path, tensors: Mapping[str, torch.Tensor]
+                 ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
+    names, bad, embeddings = {}, [], {}
     for key in tensors:
-        if not key.startswith(KOHYA_PREFIXES) or "." not in key:
+        if key.startswith("bundle_emb."):  # kohya's bundled pivotal-tuning embeddings
+            embeddings[key[len("bundle_emb."):]] = tensors[key]
+        elif key.startswith(KOHYA_PREFIXES) and "." in key:
+            names[key] = tuple(key.split(".", 1))
+        else:
             bad.append(key)
-            continue
-        name, suffix = key.split(".", 1)
-        names[key] = (name, suffix)
     if bad:
         raise _fail(p, "keys outside the kohya scheme (lora_unet_/lora_te_/lora_te1_/lora_te2_)", bad)
-    return _split_modules(p, tensors, names)
+    return _split_modules(p, tensors, names), embeddings
 
 
 def _peft_alpha(metadata: Mapping[str, str], component: str, module: str) -> float | None:

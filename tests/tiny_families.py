@@ -119,3 +119,13 @@ def tiny_config_dir(family: Family | str, dest: str | Path, pipe=None) -> Path:
     index = json.loads((dest / "model_index.json").read_text())
     assert index["_class_name"] in ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
     return dest
+
+
+def tiny_ldm_checkpoint(family: Family | str, folder: str | Path, seed: int = 0):
+    """All three at once: ``(pipe, checkpoint_path, config_dir)`` under ``folder``; load the file back with
+    ``load_pipeline(checkpoint_path, config_dir=config_dir)``."""
+    family = Family(family)
+    folder = Path(folder)
+    pipe = tiny_pipeline(family, seed)
+    path = write_ldm_checkpoint(pipe, folder / f"tiny-{family.value}.safetensors")
+    return pipe, path, tiny_config_dir(family, folder / f"tiny-{family.value}-config", pipe)

@@ -17,6 +17,8 @@ from typing import Mapping
 
 import torch
 
+from ..errors import ExportError
+
 PREFIX = "model.diffusion_model."
 
 # diffusers resnet part -> ldm ResBlock part
@@ -62,7 +64,8 @@ def _layers_per_block(config: Mapping) -> int:
     lpb = config["layers_per_block"]
     if isinstance(lpb, (list, tuple)):
         if len(set(lpb)) != 1:
-            raise ValueError(f"layers_per_block={list(lpb)} differs between blocks; the ldm layout cannot express it")
+            raise ExportError(f"this UNet has layers_per_block={list(lpb)} (different per block); the original "
+                              "single-file layout only describes UNets with the same count in every block.")
         lpb = lpb[0]
     return int(lpb)
 

@@ -131,8 +131,11 @@ def test_clip_tokenizer_matches_clip_ids():
 def test_diffusers_folder(tmp_path):
     pipe = tiny_pipeline(Family.SDXL, seed=5)
     pipe.save_pretrained(tmp_path / "xl")
-    loaded = load_pipeline(tmp_path / "xl")
+    events = []
+    loaded = load_pipeline(tmp_path / "xl", progress=events.append)
     assert (loaded.family, loaded.kind) == (Family.SDXL, "diffusers")
+    assert [(e.stage, e.current, e.total) for e in events] == [("load", 0, 1), ("load", 1, 1)]
+    assert "SDXL" in events[-1].message
     _assert_same_weights(pipe, loaded.pipe)
     info = describe_checkpoint(tmp_path / "xl")
     assert (info["kind"], info["family"], info["dtype"]) == ("diffusers", Family.SDXL, "F32")

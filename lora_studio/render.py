@@ -104,16 +104,13 @@ class GenParams:
         """Raise ``ConfigError`` for values the pipeline would reject; return self with the canonical sampler."""
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps must be a whole number of at least 1, got {self.steps!r}.")
-        if not math.isfinite(float(self.cfg)):
+        if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg):
             raise ConfigError(f"cfg must be a finite number, got {self.cfg!r}.")
         for what, v in (("width", self.width), ("height", self.height)):
             if not isinstance(v, int) or v < 8 or v % 8:
                 raise ConfigError(f"{what} must be a positive multiple of 8, got {v!r}. Try 64 for the demo "
                                   "model or 512 / 1024 for SD1.5 / SDXL.")
         return replace(self, sampler=canonical_sampler(self.sampler), cfg=float(self.cfg))
-
-
-LoraTag = tuple  # (name, strength) or (name, strength, te_strength); te_strength None = same as strength
 
 
 @dataclass
@@ -149,7 +146,8 @@ def render(pipe, params: GenParams, loras: Iterable[Sequence] = (), progress: Pr
     pipe.scheduler = make_scheduler(params.sampler, original.config)
 
     def on_step(_pipe, step, _t, kwargs):
-        report(progress, "render", step + 1, params.steps)
+        # second-order samplers (Heun, DPM2) call back twice per step: count scheduler timesteps
+        report(progress, "render", step + 1, len(_pipe.scheduler.timesteps))
         return kwargs
 
     try:

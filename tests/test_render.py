@@ -112,7 +112,8 @@ def test_unknown_sampler_lists_choices():
     assert GenParams("x", sampler="euler  A").check().sampler == "Euler a"
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(width=60), dict(height=0), dict(cfg=float("nan"))])
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=2.5), dict(width=60), dict(height=0),
+                                 dict(cfg=float("nan")), dict(cfg="high")])
 def test_bad_params_are_config_errors(bad):
     with pytest.raises(ConfigError):
         GenParams("x", **bad).check()
@@ -120,7 +121,9 @@ def test_bad_params_are_config_errors(bad):
 
 def test_render_is_seeded_uses_the_sampler_and_restores_the_scheduler(pipe):
     original = pipe.scheduler
-    a = render(pipe, GenParams("a red circle", steps=2, seed=1))
+    events = []
+    a = render(pipe, GenParams("a red circle", steps=2, seed=1), progress=events.append)
+    assert [(e.stage, e.current, e.total) for e in events] == [("render", 1, 2), ("render", 2, 2)]
     b = render(pipe, GenParams("a red circle", steps=2, seed=1))
     c = render(pipe, GenParams("a red circle", steps=2, seed=2))
     d = render(pipe, GenParams("a red circle", steps=2, seed=1, sampler="Euler a"))

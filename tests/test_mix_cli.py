@@ -10,7 +10,7 @@ from PIL import Image
 
 from lora_factories import demo_or_random_pipeline, write_kohya_lora
 from lora_studio.cli.main import main
-from lora_studio.cli.mix import parse_lora_arg
+from lora_studio.cli.mix import parse_blocks_arg, parse_lora_arg
 from lora_studio.errors import ConfigError
 from lora_studio.mix_preset import (PRESETS_DIR, MixPreset, PresetLora, add_preset_loras, load_mix_preset,
                                     preset_from_dict, save_mix_preset)
@@ -26,6 +26,13 @@ from lora_studio.render import lora_hash, parse_infotext, read_png_parameters
 ])
 def test_parse_lora_arg(text, expected):
     assert parse_lora_arg(text) == expected
+
+
+def test_parse_blocks_arg():
+    assert parse_blocks_arg("my:lora:down=0, up.1=0.5") == ("my:lora", {"down": 0.0, "up.1": 0.5})
+    for bad in ("down=0", "x:down", "x:=1", "x:down=high"):
+        with pytest.raises(ConfigError, match="NAME:KEY=WEIGHT"):
+            parse_blocks_arg(bad)
 
 
 def test_shipped_demo_preset_loads():
@@ -102,11 +109,12 @@ def test_cli_mix_renders_grid_xy_and_saves_preset(tmp_path, base_loader, capsys)
     out = tmp_path / "out"
     rc = main(["mix", "--base", "demo", "--lora", f"{a}:3", "--prompt", "a red circle <lora:beta:0.5>",
                "--lora-dir", str(tmp_path / "loras"), "--steps", "2", "--width", "32", "--height", "32",
-               "--seed", "4", "--grid", "--xy", "strength=0,1", "--xy", "seed=1,2", "--out", str(out),
+               "--seed", "4", "--blocks", "alpha:down=0,mid=0.5", "--grid", "--xy", "strength=0,1", "--xy", "seed=1,2", "--out", str(out),
                "--save-preset", str(tmp_path / "mix-saved.json")])
     printed = capsys.readouterr().out
     assert rc == 0 and base_loader == ["demo"]
     assert "alpha" in printed and "beta" in printed and "modules matched" in printed
+    assert "blocks down=0, mid=0.5" in printed
     image = out / "00000-4.png"
     info = parse_infotext(read_png_parameters(image))
     assert info["loras"] == [("alpha", 3.0, None), ("beta", 0.5, None)]
@@ -121,6 +129,7 @@ def test_cli_mix_renders_grid_xy_and_saves_preset(tmp_path, base_loader, capsys)
     assert (out / "compare-grid.png").exists() and (out / "xy-grid.png").exists()
     assert len(list((out / "xy-cells").glob("*.png"))) == 4
     saved, _ = load_mix_preset(tmp_path / "mix-saved.json")
+    assert saved.loras[0].blocks == {"down": 0.0, "mid": 0.5}
     assert saved.prompt == "a red circle"       # the tag became a 'loras' entry, not a second dose
     assert [(lo.file, lo.strength) for lo in saved.loras] == [(str(a), 3.0), (str(tmp_path / "loras" / "beta.safetensors"), 0.5)]
     # a second run numbers its image after the first instead of overwriting it

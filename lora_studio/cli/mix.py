@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH[:TE]]",
                    help="a LoRA file (or a name in --lora-dir) with its strength and optional text-encoder "
                         "strength; repeat for several. Negative strengths are allowed")
+    p.add_argument("--blocks", action="append", default=[], metavar="NAME:KEY=W,...",
+                   help="per-block weights for one LoRA of the mix, e.g. stripes:down=0,mid=0.5,up=1 "
+                        "(keys: down, mid, up, other, down.N, up.N)")
     p.add_argument("--prompt", default=None, help="the prompt; <lora:name:0.7> tags pick LoRAs from --lora-dir")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--seed", type=int, default=None, help="seed (-1: random; default 0)")
@@ -70,6 +73,21 @@ def parse_lora_arg(text: str) -> tuple[str, float, float | None]:
         raise ConfigError(f"--lora {text!r}: write FILE, FILE:STRENGTH or FILE:STRENGTH:TE_STRENGTH.")
     ref, s, te = m.group(1), m.group(2), m.group(3)
     return ref, float(s) if s is not None else 1.0, float(te) if te is not None else None
+
+
+def parse_blocks_arg(text: str) -> tuple[str, dict[str, float]]:
+    """``"stripes:down=0,up=0.5"`` -> ("stripes", {"down": 0.0, "up": 0.5})."""
+    name, sep, rest = text.rpartition(":")
+    weights: dict[str, float] = {}
+    for part in rest.split(","):
+        key, _, value = part.partition("=")
+        try:
+            weights[key.strip()] = float(value) if key.strip() else float("x")
+        except ValueError:
+            raise ConfigError(f"--blocks {text!r}: write NAME:KEY=WEIGHT,KEY=WEIGHT, e.g. stripes:down=0,up=1.") from None
+    if not sep or not name:
+        raise ConfigError(f"--blocks {text!r} names no LoRA: write NAME:KEY=WEIGHT,..., e.g. stripes:down=0,up=1.")
+    return name, weights
 
 
 def load_base(source: str, allow_pickle: bool = False):
@@ -118,6 +136,7 @@ def run(args) -> int:
         raise ConfigError("no prompt: pass --prompt \"...\" (or a --preset with a prompt).")
     requests = parse_prompt(preset.prompt).loras        # checked before the model loads
     lora_refs = [parse_lora_arg(x) for x in args.lora]
+    blocks = [parse_blocks_arg(x) for x in args.blocks]
     params = preset.gen_params()
 
     lora_dir = preset.lora_dir
@@ -138,6 +157,8 @@ def run(args) -> int:
     add_preset_loras(preset, mixer, preset_dir, lora_dir)
     for path, strength, te in wanted:
         _add(mixer, path, None, strength, te, args.allow_partial)
+    for name, weights in blocks:
+        mixer.set_strength(name, blocks=weights)
     print(mixer.report())
     if not mixer.entries:
         print("note: no LoRA given; rendering the base model alone.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -81,6 +82,8 @@ def read_modules(path: str | os.PathLike):
 
     lf = read_lora(path)
     modules = {normalize_name(k): v for k, v in lf.modules.items()}
+    for mod in modules.values():
+        _conv_shape_hint(mod)
     dora = [k for k, m in modules.items() if "dora_scale" in m.tensors]
     if dora:
         raise LoraFormatError(f"{path} is a DoRA file ({len(dora)} modules carry dora_scale, e.g. {dora[0]}); "
@@ -88,6 +91,24 @@ def read_modules(path: str | os.PathLike):
                               "without the base. Merge it into a checkpoint with `export` instead.")
     family = getattr(lf, "family", None) or family_from_metadata(dict(lf.metadata or {}))
     return modules, dict(lf.metadata or {}), family
+
+
+# UNet layers that are 3x3 convs in every SD family (conv_shortcut and SD1's proj_in/proj_out are 1x1)
+_CONV3 = re.compile(r"_(conv1|conv2|conv_in|conv_out|downsamplers_0_conv|upsamplers_0_conv|op)$")
+
+
+def _conv_shape_hint(mod: LoraModule) -> None:
+    """LoHa/LoKr store a non-Tucker conv delta flattened to (out, in*3*3); without the base model the kernel
+    size is unknown, so take it from the layer name (SD's 3x3 convs) and record it in ``extra["weight_shape"]``
+    for the rank math, which then writes a proper LoCon (down (r, in, 3, 3)). A wrong guess cannot pass
+    silently: the element count must divide by 9."""
+    if mod.kind not in ("loha", "lokr") or "weight_shape" in mod.extra:
+        return
+    from .lora.math import natural_shape
+
+    shape = natural_shape(mod)
+    if len(shape) == 2 and mod.name.startswith("lora_unet_") and _CONV3.search(mod.name) and shape[1] % 9 == 0:
+        mod.extra["weight_shape"] = (shape[0], shape[1] // 9, 3, 3)
 
 
 def normalize_name(name: str) -> str:

@@ -181,3 +181,52 @@ def test_summary_over_stats():
     assert summ["modules"] == 2 and summ["new_rank_min"] == 2 and summ["new_rank_max"] == 3
     assert summ["energy_kept_min"] == pytest.approx(min(sa.energy_kept, sb.energy_kept))
     assert min(sa.energy_kept, sb.energy_kept) <= summ["energy_kept_overall"] <= max(sa.energy_kept, sb.energy_kept)
+
+
+# ----------------------------------------------------------------------------- LyCORIS kinds
+def _loha(out, cols, r1, r2, alpha, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = {"hada_w1_a": torch.randn(out, r1, generator=g), "hada_w1_b": torch.randn(r1, cols, generator=g),
+         "hada_w2_a": torch.randn(out, r2, generator=g), "hada_w2_b": torch.randn(r2, cols, generator=g)}
+    return LoraModule("h", "loha", t, alpha, r1)
+
+
+def _lokr(seed, whole_w1=True, conv=False):
+    g = torch.Generator().manual_seed(seed)
+    t = {"lokr_w1": torch.randn(4, 2, generator=g)} if whole_w1 else \
+        {"lokr_w1_a": torch.randn(4, 2, generator=g), "lokr_w1_b": torch.randn(2, 3, generator=g)}
+    t["lokr_w2_a"] = torch.randn(5, 2, generator=g)
+    t["lokr_w2_b"] = torch.randn(2, 6 * (9 if conv else 1), generator=g)
+    return LoraModule("k", "lokr", t, 2.0, 2)
+
+
+@pytest.mark.parametrize("make", [lambda: _loha(12, 10, 2, 3, 1.0, 7), lambda: _lokr(8), lambda: _lokr(9, False),
+                                  lambda: _lokr(10, conv=True)], ids=["loha", "lokr", "lokr-ab", "lokr-conv"])
+def test_lycoris_kinds_resize_and_merge_exactly_through_their_factors(make):
+    from lora_studio.lora import math as lora_math
+
+    mod = make()
+    ref = lora_math.raw_delta(mod).double()  # the other implementation of the LyCORIS formulas
+    assert torch.allclose(module_delta_full(mod).double(), ref, atol=1e-4)
+    full_rank = int(torch.linalg.matrix_rank(ref.flatten(1), rtol=1e-5))  # fp32 noise is not rank
+    spectrum = module_spectrum(mod)
+    assert torch.allclose(spectrum[:full_rank].double(), torch.linalg.svdvals(ref.flatten(1))[:full_rank], rtol=1e-4)
+    new, stat = resize_module(mod, "energy", 1.0)
+    assert new.kind in ("lora", "locon") and stat.new_rank == full_rank
+    assert torch.allclose(reference_delta(new).flatten(1), ref.flatten(1), atol=1e-3)
+    plain = lora("x", ref.shape[0], ref.flatten(1).shape[1], 2, None, seed=11)
+    merged = concat_merge([(mod, 0.5), (plain, 2.0)])
+    want = 0.5 * ref.flatten(1) + 2.0 * reference_delta(plain)
+    assert torch.allclose(reference_delta(merged).flatten(1), want, atol=1e-3)
+
+
+def test_loha_conv_uses_the_given_kernel_shape_and_dora_is_refused():
+    mod = _loha(8, 6 * 9, 2, 2, 2.0, 12)
+    mod.extra["weight_shape"] = (8, 6, 3, 3)
+    new, _ = resize_module(mod, "fixed", 4)
+    assert new.tensors["lora_down.weight"].shape == (4, 6, 3, 3)
+    assert new.tensors["lora_up.weight"].shape == (8, 4, 1, 1)
+    dora = lora("d", 8, 6, 2, None)
+    dora.tensors["dora_scale"] = torch.ones(1, 6)
+    with pytest.raises(LoraFormatError, match="DoRA"):
+        resize_module(dora, "fixed", 1)

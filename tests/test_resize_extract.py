@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -85,3 +87,172 @@ def test_spectrum_plot_and_summary(tmp_path):
     # deltas and modules are accepted too
     w = torch.randn(12, 3) @ torch.randn(3, 10)
     assert plot_spectrum({"d": w}, tmp_path / "d.png", energy=1.0).per_module["d"] == 3
+
+
+# ----------------------------------------------------------------------------- LoRA files: resize and merge
+def _kohya_file(pipe, path, seed: int, rank: int, alpha: float, dtype=torch.float32, meta=None, spectrum=None):
+    """A kohya LoRA on the demo's attention projections + one resnet conv + a text-encoder projection.
+    With ``spectrum``, every linear module's delta (scale included) has exactly those singular values."""
+    from lora_studio.lora.formats import LoraModule, save_kohya_lora
+    from lora_studio.lora.keys import TE_PREFIX, UNET_PREFIX, kohya_module_name
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for prefix, model, suffixes in [(UNET_PREFIX, pipe.unet, ("attn1.to_q", "attn2.to_v", "resnets.0.conv1")),
+                                    (TE_PREFIX, pipe.text_encoder, ("self_attn.k_proj",))]:
+        for name, mod in model.named_modules():
+            if not name.endswith(suffixes):
+                continue
+            w = mod.weight
+            kname = kohya_module_name(prefix, name)
+            if spectrum is not None and w.dim() == 2:
+                u, _ = torch.linalg.qr(torch.randn(w.shape[0], rank, generator=g))
+                v, _ = torch.linalg.qr(torch.randn(w.shape[1], rank, generator=g))
+                up, down = u * torch.tensor(spectrum) * (rank / alpha), v.T
+            else:
+                down = torch.randn(rank, *w.shape[1:], generator=g) * 0.3
+                up = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.3
+            modules[kname] = LoraModule.from_updown(kname, down.contiguous(), up.contiguous(), alpha)
+    save_kohya_lora(modules, path, {"ss_network_dim": str(rank), "ss_base_model_version": "sd_v1",
+                                    "sshs_model_hash": "stale", "ss_tag_frequency": '{"a": {"b": 1}}', **(meta or {})},
+                    dtype)
+    return modules
+
+
+def _delta(mod):
+    up, down = mod.tensors["lora_up.weight"].double(), mod.tensors["lora_down.weight"].double()
+    alpha = mod.alpha if mod.alpha is not None else down.shape[0]
+    return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * alpha / down.shape[0]
+
+
+def test_resize_lora_file_keeps_delta_at_full_rank_and_truncates_by_energy(tmp_path):
+    from lora_studio.export_lora import resize_lora
+    from lora_studio.lora.formats import read_lora
+
+    pipe = random_demo_pipeline(0)
+    src = _kohya_file(pipe, tmp_path / "in.safetensors", seed=3, rank=4, alpha=2.0, dtype=torch.float16)
+    rep = resize_lora(tmp_path / "in.safetensors", tmp_path / "full.safetensors", "fixed", 4)
+    assert len(rep.stats) == len(src) and all(abs(st.energy_kept - 1) < 1e-6 for st in rep.stats)
+    out = read_lora(tmp_path / "full.safetensors")
+    assert set(out.modules) == set(src)
+    for name, mod in out.modules.items():
+        assert mod.tensors["lora_down.weight"].dtype == torch.float16  # the input's dtype is kept
+        assert mod.scale == pytest.approx(0.5)  # alpha/rank ratio kept
+        ref = _delta(src[name]).float()
+        assert torch.allclose(_delta(mod).float(), ref, atol=2e-3 * ref.abs().max()), name
+    meta = out.metadata
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert "sshs_model_hash" not in meta and meta["ss_tag_frequency"] == '{"a": {"b": 1}}'
+    assert json.loads(meta["lora_studio.rank_rule"]) == {"method": "fixed", "value": 4}
+
+    # known spectra: energies 16, 9, 4, 1 of 30 -> p = 0.8 keeps rank 2 on every linear module
+    src = _kohya_file(pipe, tmp_path / "sp.safetensors", seed=4, rank=4, alpha=1.0, spectrum=[4.0, 3.0, 2.0, 1.0])
+    rep = resize_lora(tmp_path / "sp.safetensors", tmp_path / "sp2.safetensors", "energy", 0.8, dtype="fp32")
+    lin = [st for st in rep.stats if "conv" not in st.name]
+    assert lin and all(st.new_rank == 2 and st.energy_kept == pytest.approx(25 / 30, rel=1e-4) for st in lin)
+    assert rep.summary["new_rank_min"] == 2 and "energy kept" in rep.text()
+    resized = read_lora(tmp_path / "sp2.safetensors").modules
+    for st in lin:
+        err = torch.linalg.norm(_delta(resized[st.name]) - _delta(src[st.name]))
+        assert float(err) == pytest.approx(5 ** 0.5, rel=1e-3)  # sqrt(2^2 + 1^2): the dropped tail
+
+    with pytest.raises(ConfigError, match="input file"):
+        resize_lora(tmp_path / "sp.safetensors", tmp_path / "sp.safetensors", "fixed", 2)
+
+
+def test_merged_lora_file_applies_like_both_loras_in_diffusers(tmp_path):
+    from lora_studio.export_lora import merge_loras
+    from lora_studio.lora.formats import read_lora
+
+    pipe = random_demo_pipeline(0)
+    a = _kohya_file(pipe, tmp_path / "a.safetensors", seed=5, rank=2, alpha=1.0)
+    b = _kohya_file(pipe, tmp_path / "b.safetensors", seed=6, rank=3, alpha=6.0)
+    specs = [(tmp_path / "a.safetensors", 0.8), (tmp_path / "b.safetensors", -0.5)]
+    merge_loras(specs, tmp_path / "ab.safetensors", method="concat", dtype="fp32")
+    merged = read_lora(tmp_path / "ab.safetensors")
+    assert all(m.rank == 5 for m in merged.modules.values())
+    sources = json.loads(merged.metadata["lora_studio.merged_from"])
+    assert [(s["name"], s["strength"]) for s in sources] == [("a.safetensors", 0.8), ("b.safetensors", -0.5)]
+    for name, mod in merged.modules.items():
+        assert torch.allclose(_delta(mod), 0.8 * _delta(a[name]) - 0.5 * _delta(b[name]), atol=1e-5)
+
+    # independent: diffusers' kohya loader applies the merged file like the two deltas summed
+    ref = random_demo_pipeline(0)
+    with torch.no_grad():
+        for name, mod in ref.unet.named_modules():
+            k = "lora_unet_" + name.replace(".", "_")
+            if k in a:
+                mod.weight += (0.8 * _delta(a[k]) - 0.5 * _delta(b[k])).float()
+    unet_only = {k: v for k, v in merged.modules.items() if k.startswith("lora_unet_")}
+    from lora_studio.lora.formats import save_kohya_lora
+
+    save_kohya_lora(unet_only, tmp_path / "ab_unet.safetensors")
+    pipe.load_lora_weights(str(tmp_path / "ab_unet.safetensors"))
+    pipe.fuse_lora()
+    for name, mod in ref.unet.named_modules():
+        if "lora_unet_" + name.replace(".", "_") in a:
+            assert torch.allclose(pipe.unet.get_submodule(name).weight, mod.weight, atol=1e-5), name
+
+    # SVD merge: exact at the stacked rank, smaller and reported below it
+    rep = merge_loras(specs, tmp_path / "svd.safetensors", method="svd", rank_method="fixed", value=5, dtype="fp32")
+    for name, mod in read_lora(tmp_path / "svd.safetensors").modules.items():
+        assert torch.allclose(_delta(mod), 0.8 * _delta(a[name]) - 0.5 * _delta(b[name]), atol=1e-4)
+    rep = merge_loras(specs, tmp_path / "svd2.safetensors", method="svd", rank_method="fixed", value=2)
+    assert all(st.new_rank == 2 and st.old_rank == 5 and st.energy_kept < 1 for st in rep.stats)
+
+
+def test_merge_refuses_loras_of_different_families(tmp_path):
+    from lora_studio.errors import LoraFormatError
+    from lora_studio.export_lora import merge_loras
+
+    pipe = random_demo_pipeline(0)
+    _kohya_file(pipe, tmp_path / "a.safetensors", seed=5, rank=2, alpha=1.0)
+    _kohya_file(pipe, tmp_path / "x.safetensors", seed=6, rank=2, alpha=1.0,
+                meta={"ss_base_model_version": "sdxl_base_v1-0"})
+    with pytest.raises(LoraFormatError, match="different base models"):
+        merge_loras([(tmp_path / "a.safetensors", 1), (tmp_path / "x.safetensors", 1)], tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_resize_and_merge_cli(tmp_path, capsys):
+    from lora_studio.cli.main import main
+
+    pipe = random_demo_pipeline(0)
+    _kohya_file(pipe, tmp_path / "in.safetensors", seed=3, rank=4, alpha=4.0)
+    png = tmp_path / "spectrum.png"
+    rc = main(["resize", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "r.safetensors"),
+               "--energy", "0.9", "--spectrum", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0 and png.stat().st_size > 1000
+    assert "to keep 90% energy most modules" in out and "energy kept" in out
+    rc = main(["export", "--as-lora", "--lora", f"{tmp_path / 'in.safetensors'}:0.5",
+               "--lora", str(tmp_path / "r.safetensors"), "--out", str(tmp_path / "m.safetensors")])
+    assert rc == 0 and (tmp_path / "m.safetensors").exists()
+    assert main(["resize", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "bad.safetensors"),
+                 "--energy", "1.5"]) == 2
+    assert "1.5" in capsys.readouterr().err
+
+
+def test_resize_real_lokr_file(real_loras, tmp_path):
+    """A real LyCORIS LoKr (350 modules, convs included) resized by energy: every module keeps >= 90% and the
+    error of the written delta (checked against lora.math's LoKr formula) is exactly the dropped tail."""
+    from lora_studio.export_lora import resize_lora
+    from lora_studio.lora import math as lora_math
+    from lora_studio.lora.formats import read_lora
+
+    src_path = real_loras / "smart_falcon_4_lokr.safetensors"
+    rep = resize_lora(src_path, tmp_path / "falcon.safetensors", "energy", 0.9)
+    assert len(rep.stats) == 350 and all(0.9 <= st.energy_kept <= 1 for st in rep.stats)
+    assert rep.summary["new_rank_max"] <= 16  # a rank-4 x rank-4 Kronecker product has rank <= 16
+    src = read_lora(src_path).modules
+    out = read_lora(tmp_path / "falcon.safetensors")
+    assert out.metadata["ss_network_module"] == "networks.lora" and "ss_network_args" not in out.metadata
+    conv = out.modules["lora_unet_up_blocks_3_resnets_0_conv1"]
+    assert conv.tensors["lora_down.weight"].shape[1:] == (960, 3, 3)  # a proper LoCon for A1111/ComfyUI
+    stats = {st.name: st for st in rep.stats}
+    for name in ("lora_unet_up_blocks_3_resnets_0_conv1", "lora_unet_mid_block_attentions_0_proj_in",
+                 "lora_te_text_model_encoder_layers_4_self_attn_k_proj"):
+        new = lora_math.raw_delta(out.modules[name]).double().flatten(1)
+        ref = lora_math.raw_delta(src[name]).double().flatten(1)
+        rel = float(torch.linalg.norm(new - ref) / torch.linalg.norm(ref))
+        assert rel == pytest.approx(stats[name].rel_error, abs=2e-3), name  # fp16 storage of the factors

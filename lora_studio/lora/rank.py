@@ -150,21 +150,68 @@ def singular_values(delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(_as_matrix(delta).to(torch.float32))
 
 
-def _updown_matrices(mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(up (out, r), down (r, in*kh*kw))`` in fp32 for a classic LoRA/LoCon module, else None."""
-    if mod.kind not in ("lora", "locon") or DOWN not in mod.tensors or UP not in mod.tensors:
-        return None
-    if set(mod.tensors) - {DOWN, UP}:  # e.g. dora_scale or a LyCORIS lora_mid: not a plain product
-        return None
-    down, up = mod.tensors[DOWN], mod.tensors[UP]
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        return None
-    return up.reshape(up.shape[0], -1).to(torch.float32), down.reshape(down.shape[0], -1).to(torch.float32)
+@dataclass
+class _Factored:
+    """A module's delta as ``ratio * up @ down`` with up (out, r) and down (r, in*kh*kw), fp32."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    ratio: float
+    shape: tuple[int, ...]
 
 
-def _delta_shape(mod: LoraModule) -> tuple[int, ...]:
-    down, up = mod.tensors[DOWN], mod.tensors[UP]
-    return (up.shape[0], *down.shape[1:])
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32)
+
+
+def _kron_side(ts: Mapping[str, torch.Tensor], stem: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoKr factor as ``A @ B``: its stored ``_a``/``_b`` pair, or a whole matrix times an identity."""
+    if stem in ts:
+        w = _f32(ts[stem]).flatten(1)
+        eye = torch.eye(min(w.shape), dtype=torch.float32)
+        return (w, eye) if w.shape[1] <= w.shape[0] else (eye, w)
+    return _f32(ts[stem + "_a"]).flatten(1), _f32(ts[stem + "_b"]).flatten(1)
+
+
+def _factored(mod: LoraModule, weight_shape: Sequence[int] | None = None) -> _Factored | None:
+    """Exact low-rank factors of a module's delta, without forming it, or None (then the delta is formed).
+
+    - LoRA/LoCon: up and down themselves; ``ratio`` = alpha/rank.
+    - LoHa: (w1a@w1b) * (w2a@w2b) = up @ down with the row-wise Khatri-Rao products
+      up[o, (i,j)] = w1a[o,i] w2a[o,j] and down[(i,j), n] = w1b[i,n] w2b[j,n] (rank r1*r2).
+    - LoKr: kron(A1@B1, A2@B2) = kron(A1, A2) @ kron(B1, B2) (mixed-product rule; rank r1*r2).
+    Tucker cores, DoRA and plain diffs return None, as do factors wider than the matrix itself.
+    For LoHa/LoKr the scale is folded into ``up`` and ``ratio`` is 1.
+    """
+    ts = mod.tensors
+    if "dora_scale" in ts:
+        return None
+    if mod.kind in ("lora", "locon"):
+        if DOWN not in ts or UP not in ts or set(ts) - {DOWN, UP}:  # e.g. a LyCORIS lora_mid core
+            return None
+        up, down = ts[UP], ts[DOWN]
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            return None
+        return _Factored(_f32(up).flatten(1), _f32(down).flatten(1), mod.scale, (up.shape[0], *down.shape[1:]))
+    if mod.kind == "loha" and not {"hada_t1", "hada_t2"} & set(ts):
+        w1a, w1b, w2a, w2b = (_f32(ts[k]).flatten(1) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        up = (w1a[:, :, None] * w2a[:, None, :]).flatten(1)
+        down = (w1b[:, None, :] * w2b[None, :, :]).flatten(0, 1)
+    elif mod.kind == "lokr" and "lokr_t2" not in ts:
+        a1, b1 = _kron_side(ts, "lokr_w1")
+        a2, b2 = _kron_side(ts, "lokr_w2")
+        up, down = torch.kron(a1, a2), torch.kron(b1, b2)
+    else:
+        return None
+    if up.shape[1] > min(up.shape[0], down.shape[1]):
+        return None  # the "low-rank" form is wider than the matrix: a plain SVD is cheaper
+    from .math import natural_shape
+
+    shape = tuple(weight_shape or mod.extra.get("weight_shape") or natural_shape(mod))
+    if shape[0] != up.shape[0] or math.prod(shape) != up.shape[0] * down.shape[1]:
+        raise LoraFormatError(f"module {mod.name}: its factors give a ({up.shape[0]}, {down.shape[1]}) delta, "
+                              f"which does not fit the shape {shape}.")
+    return _Factored(up * mod.scale, down, 1.0, shape)
 
 
 def _svd_of_product(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,13 +226,12 @@ def _svd_of_product(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor,
 def module_delta_full(mod: LoraModule, weight_shape: Sequence[int] | None = None) -> torch.Tensor:
     """The fp32 delta of any module kind, scale (alpha/rank) included, strength excluded.
 
-    Classic LoRA/LoCon and plain "full" diffs are computed here; LoHa, LoKr and DoRA go through
+    Factored kinds go through ``_factored``; the rest (Tucker cores, plain diffs) through
     ``lora_studio.lora.math`` (DoRA is refused: its delta needs the base weight). ``weight_shape`` (or
     ``mod.extra["weight_shape"]``) reshapes the delta to the layer's shape, e.g. a LoHa conv to 4-D."""
-    pair = _updown_matrices(mod)
-    if pair is not None:
-        up, down = pair
-        return (up @ down * mod.scale).reshape(_delta_shape(mod))
+    fac = _factored(mod, weight_shape)
+    if fac is not None:
+        return (fac.up @ fac.down * fac.ratio).reshape(fac.shape)
     if mod.kind == "full" and len(mod.tensors) == 1:
         return next(iter(mod.tensors.values())).to(torch.float32)
     from . import math as lora_math
@@ -201,10 +247,9 @@ def module_delta_full(mod: LoraModule, weight_shape: Sequence[int] | None = None
 
 def module_spectrum(mod: LoraModule, weight_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Singular values of a module's effective delta (scale included)."""
-    pair = _updown_matrices(mod)
-    if pair is not None:
-        up, down = pair
-        return _svd_of_product(up, down)[1] * abs(mod.scale)
+    fac = _factored(mod, weight_shape)
+    if fac is not None:
+        return _svd_of_product(fac.up, fac.down)[1] * abs(fac.ratio)
     return singular_values(module_delta_full(mod, weight_shape))
 
 
@@ -214,17 +259,18 @@ def resize_module(mod: LoraModule, method: str, value: float,
     """Reduce a module's rank by truncated SVD, the rank chosen by ``choose_rank(method, value)``.
 
     A classic LoRA/LoCon keeps its alpha/rank ratio (see the module docstring); any other kind (LoHa, LoKr,
-    full) becomes a classic LoRA with alpha = rank. The new rank never exceeds the old one for classic modules.
+    full) becomes a classic LoRA with alpha = rank. For factored kinds the SVD runs on the factors (QR of up
+    and down, then an r x r SVD), so even 1280-wide layers take milliseconds.
     """
-    pair = _updown_matrices(mod)
-    if pair is not None:
-        up, down = pair
-        u, s, vh = _svd_of_product(up, down)
-        shape, ratio, old_rank = _delta_shape(mod), mod.scale, mod.rank
+    fac = _factored(mod, weight_shape)
+    if fac is not None:
+        u, s, vh = _svd_of_product(fac.up, fac.down)
+        shape, ratio, old_rank = fac.shape, fac.ratio, int(fac.down.shape[0])  # LoKr/LoHa: their true rank
     else:
         delta = module_delta_full(mod, weight_shape)
         u, s, vh = _svd(_as_matrix(delta))
-        shape, ratio, old_rank = tuple(delta.shape), 1.0, mod.rank or int(s.numel())
+        shape, ratio = tuple(delta.shape), 1.0
+        old_rank = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1  # numerical rank
     spectrum = s * abs(ratio)
     rank = choose_rank(spectrum, method, value)
     new_up, new_down = _factors_from_svd(u, s, vh, rank, shape)
@@ -238,8 +284,8 @@ def concat_merge(modules_with_strengths: Iterable[tuple[LoraModule, float]],
 
     Each module's ``strength * alpha / rank`` is folded into its ``up`` block and the result has alpha = total
     rank (scale 1). Averaging ups and downs separately would add cross terms (up1 @ down2); stacking does not.
-    A module that is not a classic LoRA (LoHa, LoKr, full) first becomes one by an SVD that keeps every
-    non-negligible singular value, which is exact up to fp32 rounding.
+    LoHa and LoKr modules stack their exact factors (see ``_factored``); anything else (Tucker cores, plain
+    diffs) first becomes a LoRA by an SVD that keeps every non-negligible singular value (exact to fp32 rounding).
     """
     items = list(modules_with_strengths)
     if not items:
@@ -247,11 +293,10 @@ def concat_merge(modules_with_strengths: Iterable[tuple[LoraModule, float]],
     ups, downs, name = [], [], items[0][0].name
     shapes = set()
     for mod, strength in items:
-        pair = _updown_matrices(mod)
-        if pair is not None:
-            up, down = pair
-            up = up * (float(strength) * mod.scale)
-            shapes.add(_delta_shape(mod))
+        fac = _factored(mod, weight_shape)
+        if fac is not None:
+            up, down = fac.up * (float(strength) * fac.ratio), fac.down
+            shapes.add(fac.shape)
         else:
             delta = module_delta_full(mod, weight_shape) * float(strength)
             shapes.add(tuple(delta.shape))

@@ -1,9 +1,13 @@
-"""Parse the app's command line and launch the Gradio server (localhost unless --listen)."""
+"""Parse the app's command line and launch the Gradio server (127.0.0.1 and the first free port from 7860
+unless told otherwise; --listen/--share without --auth print a loud warning)."""
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+
+DEFAULT_PORT = 7860
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -13,26 +17,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
     p.add_argument("--auth", default=None, help="user:pass required when --listen or --share is used")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    p.add_argument("--outputs", default="outputs", help="folder for runs, grids and exports (default: outputs)")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
+                   help="a folder the app may read (datasets, LoRAs, models); repeat for several. "
+                        "outputs/ is always allowed; nothing else is.")
     return p.parse_args(argv)
+
+
+def free_port(host: str = "127.0.0.1", start: int = DEFAULT_PORT, tries: int = 100) -> int:
+    """The first port from ``start`` that nothing listens on."""
+    for port in range(start, start + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {start}..{start + tries - 1}; pass --port.")
+
+
+def exposure_warning(args: argparse.Namespace) -> str | None:
+    if (args.listen or args.share) and not args.auth:
+        return ("WARNING: --listen/--share without --auth exposes LoRA Studio (and the files it may read) to the "
+                "network with no password. Add --auth user:pass.")
+    return None
 
 
 def launch_from_args(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .app import build_app
+    from .app import build_app, make_context
 
     auth = None
     if args.auth:
-        user, _, password = args.auth.partition(":")
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            print("--auth must look like user:pass.", file=sys.stderr)
+            return 2
         auth = (user, password)
-    elif args.listen or args.share:
-        print("WARNING: --listen/--share without --auth exposes LoRA Studio (and your files) to the network. "
-              "Add --auth user:pass.", file=sys.stderr)
-    app = build_app()
+    warning = exposure_warning(args)
+    if warning:
+        print("\n" + "!" * 78 + f"\n{warning}\n" + "!" * 78 + "\n", file=sys.stderr)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    ctx = make_context(args.outputs, args.allow_dir)
+    app = build_app(ctx)
     app.queue().launch(
-        server_name="0.0.0.0" if args.listen else "127.0.0.1",
-        server_port=args.port,
+        server_name=host,
+        server_port=args.port or free_port(host),
         share=args.share,
         auth=auth,
         inbrowser=not args.no_browser,
+        allowed_paths=[str(p) for p in ctx.policy.roots],
     )
     return 0

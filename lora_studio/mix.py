@@ -68,6 +68,7 @@ class LoraMixer:
         self.family = family_of_pipeline(pipe)
         self._entries: dict[str, MixEntry] = {}
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
+        self._written: dict[tuple[str, str], tuple] = {}  # what apply() last wrote into each weight
         unet = self.components.get("unet")
         self._n_down = len(getattr(unet, "down_blocks", ()))
         self._n_up = len(getattr(unet, "up_blocks", ()))
@@ -164,7 +165,11 @@ class LoraMixer:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Write ``W0 + sum s_i b_i dW_i`` into every touched weight (and W0 back into weights no longer touched)."""
+        """Write ``W0 + sum s_i b_i dW_i`` into every touched weight (and W0 back into weights no longer touched).
+
+        Only weights whose terms changed since the last ``apply()`` are recomputed, so moving one LoRA's
+        text-encoder strength or one block weight costs only those layers. The weights are assumed to be
+        changed by nobody else in between (``restore()`` first if they were)."""
         contribs = self.contributions()
         for key in contribs:
             if key not in self._originals:  # kept on the CPU: GPU memory holds only the live weights
@@ -172,6 +177,10 @@ class LoraMixer:
         for key, w0 in self._originals.items():
             param = self._weight(key)
             terms = [(c, m) for c, m in contribs.get(key, []) if c != 0.0]
+            signature = tuple((c, id(m)) for c, m in terms)
+            if self._written.get(key) == signature:  # unchanged since the last apply(): nothing to compute
+                continue
+            self._written[key] = signature
             if not terms:
                 param.copy_(w0)
                 continue
@@ -189,6 +198,7 @@ class LoraMixer:
         for key, w0 in self._originals.items():
             self._weight(key).copy_(w0)
         self._originals.clear()
+        self._written.clear()
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> str:

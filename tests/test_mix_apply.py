@@ -247,3 +247,31 @@ def test_remove_returns_its_modules_to_w0_and_names_are_unique(tmp_path, pipe):
     assert all(torch.equal(v, want[k]) for k, v in params(pipe).items())
     with pytest.raises(ConfigError, match="no LoRA named 'zzz'.*a"):
         fresh.set_strength("zzz", unet=1.0)
+
+
+def test_apply_recomputes_only_weights_whose_terms_changed(tmp_path, pipe, monkeypatch):
+    import lora_studio.mix as mix
+
+    calls = []
+    real = mix.module_delta
+    monkeypatch.setattr(mix, "module_delta", lambda mod, *a, **k: calls.append(mod.name) or real(mod, *a, **k))
+    file = write_kohya_lora(tmp_path / "a.safetensors", pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(file)
+    mixer.apply()
+    n_all = len(calls)
+    assert n_all == mixer.entries[0].matched
+    mixer.apply()
+    assert len(calls) == n_all  # nothing changed: nothing recomputed
+    mixer.set_strength("a", te=0.5)
+    mixer.apply()
+    te_calls = calls[n_all:]
+    assert te_calls and all(n.startswith("lora_te_") for n in te_calls) and len(te_calls) == 12
+    mixer.set_strength("a", blocks={"up.1": 0.0})
+    before = len(calls)
+    mixer.apply()
+    assert len(calls) == before  # up.1 set to zero: its weights go back to W0 without any delta
+    mixer.restore()
+    mixer.apply()  # after restore() everything with a non-zero coefficient is computed again
+    live = sum(1 for comp, m in mixer.entries[0].targets.values() if not m.startswith("up_blocks.1."))
+    assert len(calls) - before == live < n_all

@@ -271,21 +271,24 @@ def _targets(model: torch.nn.Module, targets: str) -> dict[str, torch.nn.Module]
     return {n: m for n, m in layers.items() if n.endswith(ATTN_SUFFIXES)}
 
 
-def _pipeline(model):
+def _pipeline(model, config_dir: str | os.PathLike | None = None):
     if not isinstance(model, (str, os.PathLike)):
-        return model, None  # an already loaded pipeline (the UI and tests pass these)
-    from .models import load_pipeline  # another engineer's loader; imported late on purpose
+        pipe = getattr(model, "pipe", model)  # a LoadedModel or a bare pipeline (the UI and tests pass these)
+        return pipe, getattr(model, "family", None)
+    from .models import load_pipeline
 
-    loaded = load_pipeline(str(model))
-    return loaded.pipe, getattr(loaded, "family", None)
+    loaded = load_pipeline(str(model), config_dir=config_dir)
+    return loaded.pipe, loaded.family
 
 
 def extract_lora(tuned, base, out: str | os.PathLike, method: str = "energy", value: float = 0.9,
                  targets: str = "attn", dtype: str | None = "fp16", min_change: float = 1e-6,
+                 config_dir: str | os.PathLike | None = None,
                  progress: ProgressCallback | None = None) -> ResizeReport:
     """Extract a LoRA approximating ``tuned - base`` per layer by truncated SVD, written in kohya format.
 
-    ``tuned`` and ``base`` are model paths (anything ``models.load_pipeline`` reads) or loaded pipelines.
+    ``tuned`` and ``base`` are model paths (anything ``models.load_pipeline`` reads; ``config_dir`` as there) or
+    loaded pipelines.
     ``targets="attn"`` covers the attention projections (UNet ``to_q/to_k/to_v/to_out.0``, text encoder
     ``q_proj/k_proj/v_proj/out_proj``); ``"all"`` covers every linear and conv layer. Layers whose largest
     change is below ``min_change`` times their largest weight are skipped (unchanged, e.g. a frozen encoder).
@@ -297,8 +300,8 @@ def extract_lora(tuned, base, out: str | os.PathLike, method: str = "energy", va
     if targets not in ("attn", "all"):
         raise ConfigError(f"targets {targets!r} is unknown; use 'attn' (attention projections) or 'all'.")
     out = Path(out)
-    tuned_pipe, tuned_fam = _pipeline(tuned)
-    base_pipe, base_fam = _pipeline(base)
+    tuned_pipe, tuned_fam = _pipeline(tuned, config_dir)
+    base_pipe, base_fam = _pipeline(base, config_dir)
     from .family import family_of_pipeline, require_same_family
 
     fam_t = tuned_fam or family_of_pipeline(tuned_pipe)

@@ -256,3 +256,25 @@ def test_resize_real_lokr_file(real_loras, tmp_path):
         ref = lora_math.raw_delta(src[name]).double().flatten(1)
         rel = float(torch.linalg.norm(new - ref) / torch.linalg.norm(ref))
         assert rel == pytest.approx(stats[name].rel_error, abs=2e-3), name  # fp16 storage of the factors
+
+
+def test_extract_cli_from_two_single_files(tmp_path, capsys):
+    from tiny_families import tiny_config_dir, write_ldm_checkpoint
+
+    from lora_studio.cli.main import main
+    from lora_studio.lora.formats import read_lora
+
+    base, tuned = random_demo_pipeline(0), random_demo_pipeline(0)
+    deltas = _perturb(tuned, "attn1.to_v", rank=3, scale=0.05, seed=7)
+    cfg = tiny_config_dir("sd1", tmp_path / "cfg", base)
+    write_ldm_checkpoint(base, tmp_path / "base.safetensors")
+    write_ldm_checkpoint(tuned, tmp_path / "tuned.safetensors")
+    png = tmp_path / "sp.png"
+    rc = main(["extract", "--tuned", str(tmp_path / "tuned.safetensors"), "--base", str(tmp_path / "base.safetensors"),
+               "--out", str(tmp_path / "x.safetensors"), "--energy", "0.99", "--config-dir", str(cfg),
+               "--spectrum", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0 and png.exists() and "need rank <= 3" in out
+    lf = read_lora(tmp_path / "x.safetensors")
+    assert len(lf.modules) == len(deltas) and all(m.rank == 3 for m in lf.modules.values())
+    assert lf.modules[next(iter(lf.modules))].tensors["lora_down.weight"].dtype == torch.float16

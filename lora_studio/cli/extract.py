@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--all-layers", action="store_true", help="every linear/conv layer, not only attention")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16", help="dtype of the written file")
     p.add_argument("--spectrum", metavar="PNG", help="also plot singular values and energy per module")
+    p.add_argument("--config-dir", help="config-only diffusers folder for loading single-file models offline")
     p.set_defaults(func=run)
 
 
@@ -25,7 +26,8 @@ def run(args) -> int:
 
     method, value = rank_rule(args)
     rep = extract_lora(args.tuned, args.base, args.out, method, value,
-                       targets="all" if args.all_layers else "attn", dtype=args.dtype, progress=text_progress())
+                       targets="all" if args.all_layers else "attn", dtype=args.dtype, config_dir=args.config_dir,
+                       progress=text_progress())
     print(rep.text())
     if args.spectrum:
         print_spectrum(rep.stats, args.spectrum, energy=value if method == "energy" else 0.9)

@@ -177,10 +177,11 @@ class LoraMixer:
         for key, w0 in self._originals.items():
             param = self._weight(key)
             terms = [(c, m) for c, m in contribs.get(key, []) if c != 0.0]
-            signature = tuple((c, id(m)) for c, m in terms)
-            if self._written.get(key) == signature:  # unchanged since the last apply(): nothing to compute
-                continue
-            self._written[key] = signature
+            last = self._written.get(key)  # holds the modules themselves, so an id is never reused
+            if last is not None and len(last) == len(terms) and all(
+                    c0 == c1 and m0 is m1 for (c0, m0), (c1, m1) in zip(last, terms)):
+                continue  # unchanged since the last apply(): nothing to compute
+            self._written[key] = tuple(terms)
             if not terms:
                 param.copy_(w0)
                 continue

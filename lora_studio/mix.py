@@ -181,17 +181,20 @@ class LoraMixer:
             if last is not None and len(last) == len(terms) and all(
                     c0 == c1 and m0 is m1 for (c0, m0), (c1, m1) in zip(last, terms)):
                 continue  # unchanged since the last apply(): nothing to compute
-            self._written[key] = tuple(terms)
             if not terms:
                 param.copy_(w0)
+                self._written[key] = ()
                 continue
             acc = w0.to(device=param.device, dtype=torch.float32, copy=True)
             for coeff, mod in terms:
                 acc.add_(module_delta(mod, tuple(w0.shape), base=w0, device=param.device),
                          alpha=coeff)
-            if not bool(torch.isfinite(acc).all()):
-                raise ExportError(f"the mix gives non-finite values in {key[0]}.{key[1]}; lower the strengths.")
-            param.copy_(acc.to(param.dtype))
+            new = acc.to(param.dtype)
+            if not bool(torch.isfinite(new).all()):
+                raise ExportError(f"the mix gives values out of {param.dtype}'s range in {key[0]}.{key[1]}; "
+                                  "lower the strengths (the weights of this layer were left as they were).")
+            param.copy_(new)
+            self._written[key] = tuple(terms)
 
     @torch.no_grad()
     def restore(self) -> None:

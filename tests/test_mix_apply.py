@@ -275,3 +275,21 @@ def test_apply_recomputes_only_weights_whose_terms_changed(tmp_path, pipe, monke
     mixer.apply()  # after restore() everything with a non-zero coefficient is computed again
     live = sum(1 for comp, m in mixer.entries[0].targets.values() if not m.startswith("up_blocks.1."))
     assert len(calls) - before == live < n_all
+
+
+def test_overflowing_mix_is_refused_and_leaves_weights_usable(tmp_path, pipe):
+    from lora_studio.errors import LoraStudioError
+
+    pipe.unet.half()
+    before = params(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(write_kohya_lora(tmp_path / "a.safetensors", pipe, te=False))
+    mixer.set_strength("a", unet=1e7)
+    with pytest.raises(LoraStudioError, match="lower the strengths"):
+        mixer.apply()
+    mixer.set_strength("a", unet=0.5)
+    mixer.apply()
+    assert pipe.unet.conv_in.weight.dtype == torch.float16
+    assert all(bool(torch.isfinite(v).all()) for v in params(pipe).values())
+    mixer.restore()
+    assert all(torch.equal(v, before[k]) for k, v in params(pipe).items())

@@ -19,15 +19,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from .errors import ConfigError, ExportError, InputFileError
-from .export_lora import (DTYPES, ResizeReport, extract_lora, file_sha256, merge_loras,  # noqa: F401 (re-exports)
-                          parse_dtype, resize_lora)
+from .export_lora import ResizeReport, extract_lora, file_sha256, merge_loras, parse_dtype, resize_lora
 from .family import Family, family_of_pipeline
 from .progress import ProgressCallback, report
+
+__all__ = ["ExportResult", "ResizeReport", "export_merged_checkpoint", "merge_into_pipeline", "merge_loras",
+           "resize_lora", "extract_lora", "parse_lora_arg", "checkpoint_metadata"]
 
 FORMATS = ("single_file", "diffusers")
 DEFAULT_RESOLUTION = {Family.SD1: 512, Family.SD2: 768, Family.SDXL: 1024}

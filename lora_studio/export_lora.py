@@ -7,7 +7,6 @@ kohya metadata and reports per-module ranks and energies. Merged checkpoints are
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field

@@ -224,6 +224,9 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
         what = "only alpha/dora_scale, no weights" if not kinds else f"tensors of several kinds ({sorted(kinds)})"
         raise _fail(p, f"module {name} has {what}; keys", [f"{name}.{s}" for s in g])
     kind = kinds.pop()
+    if "alpha" in g and (g["alpha"].numel() == 0 or not bool(torch.isfinite(g["alpha"].float()).all())):
+        raise LoraFormatError(f"{p}: module {name} has alpha {g['alpha'].tolist()}; alpha must be one finite "
+                              "number. The file is damaged: download or export it again.")
     alpha = float(g["alpha"].float().reshape(-1)[0]) if "alpha" in g else None
     tens = {s: t for s, t in g.items() if s != "alpha"}
     missing = []
@@ -239,6 +242,7 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
         have = ", ".join(f"{name}.{s}" for s in g)
         raise LoraFormatError(f"{p}: module {name} is incomplete: it has {have} but no "
                               f"{', '.join(missing)}. The file is damaged or of an unknown variant.")
+    _check_factors(p, name, g)
     if kind == "lora":
         down, up = g["lora_down.weight"], g["lora_up.weight"]
         rank = int(down.shape[0])
@@ -256,6 +260,31 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
     if kind in ("loha",) and rank == 0:
         raise LoraFormatError(f"{p}: module {name} has rank 0 (hada_w1_b has shape {tuple(g['hada_w1_b'].shape)}).")
     return LoraModule(name, kind, tens, alpha, rank)
+
+
+# Factors that are multiplied (a @ b), with the Tucker core that joins them instead when present.
+FACTOR_PAIRS = (("hada_w1_a", "hada_w1_b", "hada_t1"), ("hada_w2_a", "hada_w2_b", "hada_t2"),
+                ("lokr_w1_a", "lokr_w1_b", None), ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))
+
+
+def _check_factors(p: Path, name: str, g: dict[str, torch.Tensor]) -> None:
+    """Factors are 2-D (4-D for convolutions) and multiplied factors fit, so a damaged file is refused here
+    rather than failing inside the mixer's matrix products."""
+    def bad(why: str) -> LoraFormatError:
+        return LoraFormatError(f"{p}: module {name} {why}. The file is damaged or of an unknown variant: "
+                               "download or export it again.")
+    for s, t in g.items():
+        if s not in ("alpha", "dora_scale", "diff") and t.dim() not in (2, 4):
+            raise bad(f"has {s} of shape {tuple(t.shape)}, but a LoRA factor has 2 dimensions (4 for a convolution)")
+    for a, b, core in FACTOR_PAIRS:
+        if a in g and b in g:
+            ta, tb = g[a], g[b]
+            fits = (g[core].shape[0] == ta.shape[0] and g[core].shape[1] == tb.shape[0]) if core in g \
+                else ta.shape[1] == tb.shape[0]
+            if not fits:
+                raise bad(f"has {a} {tuple(ta.shape)} and {b} {tuple(tb.shape)}, which do not fit together")
+            if tb.shape[0] == 0:
+                raise bad(f"has rank 0 ({b} has shape {tuple(tb.shape)}), so it would change nothing")
 
 
 def _group_kohya(p: Path, tensors: Mapping[str, torch.Tensor]

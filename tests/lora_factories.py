@@ -155,13 +155,20 @@ def write_peft_lora(path, pipe, rank=4, alpha: float | None = 8.0, seed=0, old_n
     g = torch.Generator().manual_seed(seed)
     a_suf, b_suf = ("lora.down.weight", "lora.up.weight") if old_names else ("lora_A.weight", "lora_B.weight")
     tensors = {}
-    for comp, module, shape in targets(pipe, te=te):
+    found = targets(pipe, te=te)
+    if te and getattr(pipe, "text_encoder_2", None) is not None:
+        found += [("text_encoder_2", n, tuple(m.weight.shape)) for n, m in pipe.text_encoder_2.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.endswith(TE_SUFFIXES)]
+    for comp, module, shape in found:
         t = _lora_tensors(g, shape, rank)
         tensors[f"{comp}.{module}.{a_suf}"] = t["lora_down.weight"]
         tensors[f"{comp}.{module}.{b_suf}"] = t["lora_up.weight"]
     meta = {}
     if alpha is not None:
-        cfg = {"unet.r": rank, "unet.lora_alpha": alpha, "text_encoder.r": rank, "text_encoder.lora_alpha": alpha}
+        cfg = {}
+        for comp in {c for c, _, _ in found}:
+            cfg.update({f"{comp}.r": rank, f"{comp}.lora_alpha": alpha,
+                        f"{comp}.target_modules": sorted(m for c, m, _ in found if c == comp)})
         meta["lora_adapter_metadata"] = json.dumps(cfg)
     return _write(path, tensors, meta)
 

@@ -293,3 +293,26 @@ def test_overflowing_mix_is_refused_and_leaves_weights_usable(tmp_path, pipe):
     assert all(bool(torch.isfinite(v).all()) for v in params(pipe).values())
     mixer.restore()
     assert all(torch.equal(v, before[k]) for k, v in params(pipe).items())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_peft_file_equals_diffusers_fuse(tmp_path, family):
+    """A diffusers/peft-layout file (lora_A/lora_B, lora_alpha in lora_adapter_metadata), both text encoders."""
+    from lora_factories import write_peft_lora
+    from tiny_families import tiny_pipeline
+
+    pipe = tiny_pipeline(family)
+    file = write_peft_lora(tmp_path / "p.safetensors", pipe, rank=4, alpha=8.0)
+    reference, base = copy.deepcopy(pipe), copy.deepcopy(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(file, strength=0.6)
+    mixer.apply()
+    reference.load_lora_weights(str(file))
+    reference.fuse_lora(lora_scale=0.6)
+    reference.unload_lora_weights()
+    comps = ["unet", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    for comp in comps:
+        ours, theirs, before = (getattr(p, comp).state_dict() for p in (pipe, reference, base))
+        assert any(not torch.equal(ours[k], before[k]) for k in ours), comp
+        for k in ours:
+            assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=1e-5), (comp, k)

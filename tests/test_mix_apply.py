@@ -165,6 +165,7 @@ def test_lora_for_another_size_is_refused(tmp_path, pipe):
         LoraMixer(pipe).add(tmp_path / "big.safetensors")
 
 
+@pytest.mark.slow
 def test_sdxl_kohya_ldm_names_equal_diffusers_fuse():
     """kohya SDXL names (input_blocks/middle_block/output_blocks, lora_te1_/lora_te2_) on a tiny SDXL pipeline."""
     import tempfile
@@ -295,6 +296,7 @@ def test_overflowing_mix_is_refused_and_leaves_weights_usable(tmp_path, pipe):
     assert all(torch.equal(v, before[k]) for k, v in params(pipe).items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_peft_file_equals_diffusers_fuse(tmp_path, family):
     """A diffusers/peft-layout file (lora_A/lora_B, lora_alpha in lora_adapter_metadata), both text encoders."""

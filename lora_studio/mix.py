@@ -14,11 +14,17 @@ mix (averaging up and down factors separately would add cross terms). Calling ``
 Written by hand rather than through diffusers' ``set_adapters``/``fuse_lora`` because those reject LoHa/LoKr
 and cannot weight blocks of a kohya LoRA; a test checks this module against diffusers' own fuse for LoRA.
 
-**Per-block weights** (like the LoRA Block Weight extension, but named by diffusers block): a dict whose keys
-are ``"down"``, ``"mid"``, ``"up"``, ``"other"`` (conv_in, time embedding, conv_out) or a single block
-``"down.0"``, ``"up.2"`` (diffusers' block index: ``down.0`` is the highest-resolution down block, ``up.0``
-the lowest-resolution up block). A single-block key wins over its group key; unlisted blocks weigh 1.
-Block weights multiply the UNet strength only; the text encoders follow ``te_strength``.
+**Per-block weights** (as the LoRA Block Weight extension does): a dict whose keys are
+
+* diffusers blocks: ``"down"``, ``"mid"``, ``"up"``, ``"other"`` (conv_in, time embedding, conv_out) or a single
+  block ``"down.0"``, ``"up.2"`` (``down.0`` is the highest-resolution down block, ``up.0`` the lowest-resolution
+  up block);
+* or the extension's own names, one per original (ldm) UNet layer: ``"IN00"``..``"IN11"``, ``"M00"``,
+  ``"OUT00"``..``"OUT11"`` (SD 1.x numbering; SDXL has IN00..IN08, OUT00..OUT08), and ``"BASE"`` for the text
+  encoders. ``lbw_block_weights`` turns the extension's 17/26 (SD 1.x) or 12/20 (SDXL) value lists into these.
+
+The most specific key wins (``IN04`` over ``down.1`` over ``down``); unlisted blocks weigh 1. Block weights
+multiply the UNet strength; only ``BASE`` touches the text encoders (times ``te_strength``).
 """
 
 from __future__ import annotations
@@ -32,10 +38,31 @@ import torch
 from .errors import ConfigError, ExportError, LoraFormatError
 from .family import Family, family_of_pipeline, require_same_family
 from .lora.formats import LoraFile, LoraModule, read_lora
-from .lora.keys import match_modules, pipeline_components, unet_block_of
+from .lora.keys import UnetLayout, diffusers_unet_to_ldm, match_modules, pipeline_components, unet_block_of
 from .lora.math import module_delta
 
 BLOCK_GROUPS = ("down", "mid", "up", "other")
+# The LoRA Block Weight extension's value lists, by length: which layer each value weighs.
+_IN, _OUT = [f"IN{i:02d}" for i in range(12)], [f"OUT{i:02d}" for i in range(12)]
+LBW_LAYOUTS = {
+    17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[3:]],  # SD 1.x with attention
+    26: ["BASE", *_IN, "M00", *_OUT],                                                  # SD 1.x, every layer
+    12: ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[:6]],                   # SDXL with attention
+    20: ["BASE", *_IN[:9], "M00", *_OUT[:9]],                                         # SDXL, every layer
+}
+
+
+def lbw_block_weights(values: list[float] | str) -> dict[str, float]:
+    """The LoRA Block Weight extension's list (``"1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"``) as block-weight keys."""
+    if isinstance(values, str):
+        try:
+            values = [float(v) for v in values.replace(" ", "").split(",") if v]
+        except ValueError as err:
+            raise ConfigError(f"block weights {values!r} should be comma-separated numbers ({err}).") from err
+    if len(values) not in LBW_LAYOUTS:
+        raise ConfigError(f"a LoRA Block Weight list has 17 or 26 values (SD 1.x) or 12 or 20 (SDXL); "
+                          f"got {len(values)}: {values}.")
+    return dict(zip(LBW_LAYOUTS[len(values)], (float(v) for v in values)))
 
 
 @dataclass
@@ -72,6 +99,15 @@ class LoraMixer:
         unet = self.components.get("unet")
         self._n_down = len(getattr(unet, "down_blocks", ()))
         self._n_up = len(getattr(unet, "up_blocks", ()))
+        self._lbw: dict[str, str] = {}  # UNet module name -> LoRA Block Weight layer name (IN04, M00, OUT11)
+        if unet is not None:
+            layout = UnetLayout.from_config(unet.config)
+            for mname, _ in unet.named_modules():
+                ldm = diffusers_unet_to_ldm(mname, layout) if mname else None
+                if ldm and ldm.startswith(("input_blocks.", "output_blocks.", "middle_block.")):
+                    kind, idx = ldm.split(".")[:2]
+                    self._lbw[mname] = ("M00" if kind == "middle_block" else
+                                        f"{'IN' if kind == 'input_blocks' else 'OUT'}{int(idx):02d}")
 
     # ------------------------------------------------------------------ entries
     @property
@@ -135,20 +171,27 @@ class LoraMixer:
 
     def _check_blocks(self, blocks: dict[str, float]) -> dict[str, float]:
         valid = set(BLOCK_GROUPS) | {f"down.{i}" for i in range(self._n_down)} | {f"up.{i}" for i in range(self._n_up)}
-        bad = [k for k in blocks if k not in valid]
+        lbw = {"BASE"} | set(self._lbw.values())
+        # the extension's lists name layers some models lack (SD 1.x IN03 is a downsampler); only unknown names fail
+        known = lbw | set(_IN) | set(_OUT) | {"M00"}
+        bad = [k for k in blocks if k not in valid and k not in known]
         if bad:
-            raise ConfigError(f"unknown block weight key(s) {bad}; use {', '.join(BLOCK_GROUPS)} or "
-                              f"down.0..down.{self._n_down - 1}, up.0..up.{self._n_up - 1}.")
+            raise ConfigError(f"unknown block weight key(s) {bad}; use {', '.join(BLOCK_GROUPS)}, "
+                              f"down.0..down.{self._n_down - 1}, up.0..up.{self._n_up - 1}, or the LoRA Block "
+                              f"Weight names {', '.join(sorted(lbw))}.")
         return {k: float(v) for k, v in blocks.items()}
 
     # ------------------------------------------------------------------ weights
     def coefficient(self, entry: MixEntry, component: str, module_name: str) -> float:
         """The factor this entry's delta gets on one module: strength x block weight, or the TE strength."""
-        if component != "unet":
-            return entry.effective_te_strength
-        group, idx = unet_block_of(module_name)
         bw = entry.block_weights
+        if component != "unet":
+            return entry.effective_te_strength * bw.get("BASE", 1.0)
+        group, idx = unet_block_of(module_name)
         weight = bw.get(f"{group}.{idx}", bw.get(group, 1.0)) if idx is not None else bw.get(group, 1.0)
+        layer = self._lbw.get(module_name)
+        if layer is not None and layer in bw:
+            weight = bw[layer]
         return entry.strength * weight
 
     def _weight(self, key: tuple[str, str]) -> torch.Tensor:

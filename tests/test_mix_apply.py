@@ -318,3 +318,31 @@ def test_peft_file_equals_diffusers_fuse(tmp_path, family):
         assert any(not torch.equal(ours[k], before[k]) for k in ours), comp
         for k in ours:
             assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=1e-5), (comp, k)
+
+
+def test_lora_block_weight_names(tmp_path, pipe):
+    """The LoRA Block Weight extension's layer names (ldm numbering) and its BASE (text encoder) weight."""
+    from lora_studio.mix import lbw_block_weights
+
+    file = write_kohya_lora(tmp_path / "a.safetensors", pipe)
+    base = copy.deepcopy(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(file, strength=1.0, block_weights={"IN01": 0.0, "OUT03": 2.0, "BASE": 0.5, "down": 3.0})
+    mixer.apply()
+    w = lambda p, c, m: getattr(p, c).get_submodule(m).weight.double()
+    in1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"   # input_blocks.1
+    in3 = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"   # input_blocks.3: falls back to "down"
+    out3 = "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"    # output_blocks.3
+    te = "encoder.layers.0.self_attn.q_proj"
+    assert torch.equal(w(pipe, "unet", in1), w(base, "unet", in1))
+    assert torch.allclose(w(pipe, "unet", in3), formula_weight(base, file, 3.0, "unet", in3), atol=1e-6)
+    assert torch.allclose(w(pipe, "unet", out3), formula_weight(base, file, 2.0, "unet", out3), atol=1e-6)
+    assert torch.allclose(w(pipe, "text_encoder", te), formula_weight(base, file, 0.5, "text_encoder", te), atol=1e-6)
+    sd1 = lbw_block_weights("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1")
+    assert sd1["BASE"] == 1.0 and sd1["IN08"] == 0.0 and sd1["M00"] == 0.0 and sd1["OUT11"] == 1.0 and len(sd1) == 17
+    assert list(lbw_block_weights([1] * 12))[1:6] == ["IN04", "IN05", "IN07", "IN08", "M00"]
+    mixer.set_strength("a", blocks=sd1)  # names this toy model lacks (IN04...) are accepted, as A1111 lists are
+    with pytest.raises(ConfigError, match="17 or 26"):
+        lbw_block_weights("1,0,1")
+    with pytest.raises(ConfigError, match="IN99"):
+        mixer.set_strength("a", blocks={"IN99": 1.0})

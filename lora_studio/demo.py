@@ -161,8 +161,8 @@ def random_demo_pipeline(seed: int = 0):
 @dataclass
 class DemoBuildConfig:
     seed: int = 0
-    vae_steps: int = 600
-    unet_steps: int = 2500
+    vae_steps: int = 400
+    unet_steps: int = 1500
     batch_size: int = 32
     vae_lr: float = 2e-3
     unet_lr: float = 1e-3
@@ -194,7 +194,11 @@ def _train_vae(vae, pictures: torch.Tensor, cfg: DemoBuildConfig, gen: torch.Gen
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
-        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        # Tie the first three latent channels to the 4x-downsampled RGB picture. Without it the VAE packs
+        # colours into tiny latent differences (red ~ white), which diffusion noise drowns: the UNet then
+        # learns shapes but not colours. The real SD VAE's latents are roughly linear in RGB too.
+        rgb = F.avg_pool2d(x, 4)
+        loss = F.mse_loss(rec, x) + 1e-4 * kl + F.mse_loss(post.mean[:, :3], rgb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -208,23 +212,25 @@ def _train_unet(pipe, latents: torch.Tensor, captions: list[str], cfg: DemoBuild
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        cond = pipe.text_encoder(ids)[0]
-        empty = pipe.text_encoder(pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
-    unet = pipe.unet
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    tok = pipe.tokenizer
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    unet, text = pipe.unet, pipe.text_encoder
+    # The text encoder learns too: a random frozen CLIP separates shapes but barely separates colours.
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     warm = max(1, cfg.unet_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))))
+    text.train()
     unet.train()
     for step in range(cfg.unet_steps):
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
         x0 = latents[idx]
-        c = cond[idx].clone()
+        batch_ids = ids[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < 0.1  # so classifier-free guidance works
-        c[drop] = empty
+        batch_ids[drop] = empty
+        c = text(batch_ids)[0]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
@@ -232,12 +238,13 @@ def _train_unet(pipe, latents: torch.Tensor, captions: list[str], cfg: DemoBuild
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 20 == 0 or step == cfg.unet_steps - 1:
             report(progress, "demo-unet", step + 1, cfg.unet_steps, f"loss {loss.item():.4f}", loss=loss.item())
     unet.eval()
+    text.eval()
 
 
 def build_demo_pipeline(cfg: DemoBuildConfig | None = None, progress: ProgressCallback | None = None):

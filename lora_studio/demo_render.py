@@ -10,7 +10,7 @@ from .demo import DEMO_PROMPTS, DEMO_RESOLUTION
 from .grid import labelled_grid
 
 
-def sample_grid(pipe, out: str | Path, steps: int = 20, seeds: tuple[int, ...] = (0, 1), cfg: float = 4.0) -> Path:
+def sample_grid(pipe, out: str | Path, steps: int = 20, seeds: tuple[int, ...] = (0, 1), cfg: float = 3.0) -> Path:
     rows = []
     for seed in seeds:
         row = []

@@ -58,7 +58,7 @@ def test_shipped_demo_model_is_small(demo_model_dir):
 
 def _render(pipe, prompt: str, seed: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
-    img = pipe(prompt, num_inference_steps=20, guidance_scale=4.0, generator=gen,
+    img = pipe(prompt, num_inference_steps=20, guidance_scale=3.0, generator=gen,
                height=demo.DEMO_RESOLUTION, width=demo.DEMO_RESOLUTION).images[0]
     return np.asarray(img, dtype=np.float32)
 

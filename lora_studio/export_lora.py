@@ -35,6 +35,7 @@ class ResizeReport:
     stats: list[ResizeStat] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     kind: str = "resize"
+    notes: list[str] = field(default_factory=list)  # what was not carried over, and why
 
     def text(self, limit: int = 12) -> str:
         lines = [f"{self.kind}: wrote {self.out}"]
@@ -52,6 +53,7 @@ class ResizeReport:
             lines.append(f"{int(s['modules'])} modules, rank {int(s['new_rank_min'])}..{int(s['new_rank_max'])} "
                          f"(mean {s['new_rank_mean']:.1f}), energy kept: worst {s['energy_kept_min']:.4f}, "
                          f"overall {s['energy_kept_overall']:.4f}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -72,14 +74,18 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------- reading
-def read_modules(path: str | os.PathLike):
-    """``(modules, metadata, family)`` of a LoRA file, through ``lora.formats.read_lora``.
+def read_modules(path: str | os.PathLike, notes: list[str] | None = None):
+    """``(modules, metadata, family)`` of a LoRA file, through ``lora.formats.read_lora``. Token embeddings
+    some files carry are not LoRA modules: they are left out and said so in ``notes``.
 
     DoRA modules are refused: their delta depends on the base weight, which these file-only operations lack.
     """
     from .lora.formats import read_lora  # another engineer's reader; imported late on purpose
 
     lf = read_lora(path)
+    if lf.embeddings and notes is not None:
+        notes.append(f"{Path(path).name}: token embeddings {', '.join(lf.embeddings)} are not LoRA modules and "
+                     "were not written; keep the original file for them.")
     modules = {normalize_name(k): v for k, v in lf.modules.items()}
     for mod in modules.values():
         _conv_shape_hint(mod)
@@ -186,9 +192,9 @@ def merge_loras(paths_with_strengths: Sequence[tuple[str | os.PathLike, float]],
         raise ConfigError("nothing to merge: give at least one LoRA file.")
     out = Path(out)
     groups: dict[str, list[tuple[LoraModule, float]]] = {}
-    families, sources, first_meta = [], [], None
+    families, sources, first_meta, notes = [], [], None, []
     for path, strength in paths_with_strengths:
-        modules, meta, fam = read_modules(path)
+        modules, meta, fam = read_modules(path, notes)
         first_meta = meta if first_meta is None else first_meta
         families.append(fam)
         sources.append({"name": Path(path).name, "strength": float(strength), "sha256": file_sha256(path)})
@@ -214,7 +220,8 @@ def merge_loras(paths_with_strengths: Sequence[tuple[str | os.PathLike, float]],
         extra["lora_studio.rank_rule"] = {"method": rank_method, "value": value}
     meta = _out_metadata(first_meta or {}, family, out, merged, extra)
     _write(merged, out, meta, parse_dtype(dtype))
-    return ResizeReport(out, stats, summarize(stats) if stats else {"modules": len(merged)}, kind="merge")
+    return ResizeReport(out, stats, summarize(stats) if stats else {"modules": len(merged)}, kind="merge",
+                        notes=notes)
 
 
 def resize_lora(path: str | os.PathLike, out: str | os.PathLike, method: str, value: float,
@@ -227,7 +234,8 @@ def resize_lora(path: str | os.PathLike, out: str | os.PathLike, method: str, va
     out = Path(out)
     if out.resolve() == Path(path).resolve():
         raise ConfigError(f"--out {out} is the input file; choose another name so the original stays.")
-    modules, meta, fam = read_modules(path)
+    notes: list[str] = []
+    modules, meta, fam = read_modules(path, notes)
     if not modules:
         raise LoraFormatError(f"{path} holds no LoRA modules.")
     src_dtype = next(iter(next(iter(modules.values())).tensors.values())).dtype
@@ -243,7 +251,7 @@ def resize_lora(path: str | os.PathLike, out: str | os.PathLike, method: str, va
              "lora_studio.resize_summary": summary}
     out_meta = _out_metadata(meta, guess_family(modules, fam), out, new, extra)
     _write(new, out, out_meta, parse_dtype(dtype) or (src_dtype if src_dtype.is_floating_point else None))
-    return ResizeReport(out, stats, summary, kind="resize")
+    return ResizeReport(out, stats, summary, kind="resize", notes=notes)
 
 
 # --------------------------------------------------------------------------- extraction

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ExportError, InputFileError
+from .errors import ConfigError, ExportError, InputFileError, StopRequested
 from .export_lora import ResizeReport, extract_lora, file_sha256, merge_loras, parse_dtype, resize_lora
 from .family import Family, family_of_pipeline
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback, StopFlag, report
 
 __all__ = ["ExportResult", "ResizeReport", "export_merged_checkpoint", "merge_into_pipeline", "merge_loras",
            "resize_lora", "extract_lora", "parse_lora_arg", "checkpoint_metadata"]
@@ -109,7 +109,7 @@ def _records(mixer) -> list[dict]:
 
 
 def merge_into_pipeline(pipe, loras, progress: ProgressCallback | None = None,
-                        backup: dict | None = None) -> tuple[list[dict], int]:
+                        backup: dict | None = None, stop: StopFlag | None = None) -> tuple[list[dict], int]:
     """Fuse LoRAs into ``pipe``'s weights in place: ``W = W0 + sum(coefficient * delta)`` in fp32, the result
     cast to each weight's dtype. ``loras`` is a list of (path, strength) or a ``LoraMixer`` whose entries to use.
 
@@ -127,6 +127,8 @@ def merge_into_pipeline(pipe, loras, progress: ProgressCallback | None = None,
     plan = mixer.contributions()
     with torch.no_grad():
         for i, ((comp, mname), items) in enumerate(sorted(plan.items()), 1):
+            if stop is not None and stop.requested:
+                break  # the caller checks the flag and restores or drops the pipeline
             weight = comps[comp].get_submodule(mname).weight
             if backup is not None:
                 backup[weight] = weight.detach().clone()
@@ -155,6 +157,11 @@ def _convert_in_place(pipe, dtype: torch.dtype, progress) -> None:
     for i, m in enumerate(models, 1):
         m.to(dtype)
         report(progress, "convert", i, len(models), type(m).__name__)
+
+
+def _check_stop(stop: StopFlag | None, out: Path) -> None:
+    if stop is not None and stop.requested:
+        raise StopRequested(f"export to {out} stopped on request; nothing was written.")
 
 
 def _check_finite(tensors, where: str) -> None:
@@ -212,18 +219,17 @@ def _replace_folder(tmp: Path, final: Path) -> None:
 
 def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                              fmt: str = "single_file", dtype: str = "fp16", config_dir: str | None = None,
-                             progress: ProgressCallback | None = None) -> ExportResult:
+                             progress: ProgressCallback | None = None, stop: StopFlag | None = None) -> ExportResult:
     """Fuse ``loras`` into ``base`` and write ``out``.
 
-    ``loras`` is a list of (path, strength) or a ``LoraMixer`` (the live mix of the UI: its strengths,
-    text-encoder strengths and block weights are used; its own pipeline is left as it is). ``base=None`` with a
-    mixer means the mixer's pipeline (with its weights put back to W0 for the merge and re-applied after).
-
-    ``base`` is a model path (loaded here, in fp32, and then consumed: its weights are merged and converted in
-    place) or an already loaded pipeline / ``LoadedModel`` (then it is left unchanged: its weights are restored
-    after writing, and the dtype conversion copies tensor by tensor). ``fmt`` is "single_file" (one ldm-layout
-    ``.safetensors``) or "diffusers" (a ``save_pretrained`` folder). Writes are atomic: a failure leaves no file
-    under ``out`` and an earlier file there untouched.
+    ``base`` is a model path or "demo" (loaded here with ``models.load_pipeline`` in fp32, then consumed: merged
+    and converted in place, which keeps the peak near one copy of the model) or an already loaded pipeline /
+    ``LoadedModel`` (left as it was: the merged layers are restored after writing, and the dtype conversion
+    copies tensor by tensor). ``loras`` is a list of (path, strength) or a ``LoraMixer`` (the UI's live mix: its
+    strengths, text-encoder strengths and block weights are used); ``base=None`` with a mixer means the mixer's
+    own pipeline, whose mix is applied again afterwards. ``fmt`` is "single_file" (one ldm-layout
+    ``.safetensors``) or "diffusers" (a ``save_pretrained`` folder, which needs a base path). Writes are atomic:
+    a failure or a ``stop`` request leaves no file under ``out`` and an earlier file there untouched.
     """
     from .fileio import save_safetensors_atomic
     from .ldm import pipeline_to_ldm_state_dict
@@ -259,7 +265,8 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
         live.restore()  # the merge starts from W0; the live mix is applied again afterwards
     backup = None if owned else {}  # the caller's pipeline gets its weights back (only merged layers are copied)
     try:
-        records, changed = merge_into_pipeline(pipe, loras, progress, backup)
+        records, changed = merge_into_pipeline(pipe, loras, progress, backup, stop)
+        _check_stop(stop, out)
         base_name = source.name if source is not None else "(loaded pipeline)"
         if fmt == "single_file":
             if owned:
@@ -268,6 +275,7 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
             else:
                 sd = {k: v.detach().to(torch_dtype) for k, v in pipeline_to_ldm_state_dict(pipe, family).items()}
             _check_finite(sd.items(), str(out))
+            _check_stop(stop, out)
             meta = checkpoint_metadata(_base_metadata(source), family, out.stem, records, dtype, base_name)
             report(progress, "write", 0, 1, str(out))
             save_safetensors_atomic(sd, out, meta)
@@ -277,6 +285,7 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
             _convert_in_place(pipe, torch_dtype, progress)
             _check_finite(((f"{c}.{n}", p) for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)
                            for n, p in m.state_dict().items()), str(out))
+            _check_stop(stop, out)
             report(progress, "write", 0, 1, str(out))
             size = _save_folder(pipe, out, {"base_model": base_name, "dtype": dtype, "family": family.value,
                                             "merged_loras": records})
@@ -297,6 +306,9 @@ def _save_folder(pipe, out: Path, info: dict) -> int:
         raise ExportError(f"cannot write into {out.parent}: {err.strerror or err}. "
                           "Choose a folder you can write to.") from err
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())

@@ -266,3 +266,24 @@ def test_demo_model_render_from_exported_file_equals_live_mix(demo_model_dir, de
     got = render(back)
     assert np.abs(live - plain).max() > 0.05  # the LoRA visibly changes the picture
     assert np.abs(got - live).max() < 2e-3
+
+
+def test_stop_request_writes_nothing_and_gives_the_pipeline_back(tmp_path):
+    from lora_studio.errors import StopRequested
+    from lora_studio.export import export_merged_checkpoint
+    from lora_studio.progress import StopFlag
+
+    pipe = tiny_pipeline(Family.SD1)
+    make_lora(pipe, tmp_path / "a.safetensors", seed=1)
+    before = unet_out(pipe)
+    flag = StopFlag()
+
+    def stop_midway(ev):
+        if ev.stage == "merge" and ev.current == 3:
+            flag.request()
+
+    with pytest.raises(StopRequested, match="nothing was written"):
+        export_merged_checkpoint(pipe, [(tmp_path / "a.safetensors", 1.0)], tmp_path / "m.safetensors",
+                                 progress=stop_midway, stop=flag)
+    assert not (tmp_path / "m.safetensors").exists()
+    assert torch.equal(unet_out(pipe), before)

@@ -249,7 +249,8 @@ def _header_stats(headers: list[dict]) -> tuple[int, int, dict[str, int]]:
 def _describe_diffusers_folder(folder: Path) -> dict[str, Any]:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
-        raise InputFileError(f"{folder} is a folder without model_index.json, so it is not a diffusers model.")
+        raise InputFileError(f"{folder} is a folder without model_index.json, so it is not a diffusers model. "
+                             "Give a diffusers model folder or a single .safetensors file.")
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         unet_cfg = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -22,13 +24,45 @@ from .errors import ExportError, InputFileError, UnsafeFileError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own bound on header size
-SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
-                      "F8_E4M3", "F8_E5M2", "U16", "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+# Bits per element of every dtype the safetensors format defines.
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+              "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64, "F8_E8M0": 8, "F4": 4,
+              "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64}
+SAFETENSORS_DTYPES = set(DTYPE_BITS)
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """True when ``err`` means a file could not be written (disk full, file too large, I/O error).
+
+    Written by hand because the writers do not all raise ``OSError``: safetensors raises ``SafetensorError``
+    ("I/O error: No space left on device") and ``torch.save`` a ``RuntimeError`` from its stream writer.
+    """
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    if type(err).__name__ == "SafetensorError":
+        return "I/O error" in text or "os error" in text
+    if isinstance(err, RuntimeError):
+        return any(s in text for s in ("PytorchStreamWriter", "inline_container", "file write failed"))
+    return False
+
+
+def _write_error(final: Path, err: BaseException) -> ExportError:
+    if final.is_dir():
+        return ExportError(f"could not write {final}: a folder of that name is in the way. "
+                           "Choose another file name, or move that folder.")
+    why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return ExportError(f"could not write {final}: {why}. Free some disk space or choose another folder; "
+                       "nothing was overwritten.")
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds."""
+    """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
+
+    A write failure inside the block (see ``is_write_failure``) becomes an ``ExportError``; the temporary
+    file is always removed, and an existing ``final`` is left exactly as it was.
+    """
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -41,12 +75,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, final)
-    except OSError as err:
-        raise ExportError(f"could not write {final}: {err.strerror or err}. "
-                          "Free some disk space or choose another folder; nothing was overwritten.") from err
+    except Exception as err:
+        if is_write_failure(err):
+            raise _write_error(final, err) from err
+        raise
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -73,54 +108,85 @@ def refuse_pickle(path: str | os.PathLike, allow_pickle: bool = False) -> None:
             "(it is then read with torch.load(weights_only=True)).")
 
 
+def _corrupt(p: Path, what: str) -> InputFileError:
+    return InputFileError(f"{p} is not a valid safetensors file: {what}. The file is damaged or was cut off "
+                          "while downloading: download or export it again.")
+
+
+def _check_entry(p: Path, name: str, info: object, data_len: int) -> tuple[int, int]:
+    """Check one tensor entry as the safetensors library would; returns its (start, end) byte span."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise _corrupt(p, f"tensor entry {name!r} is malformed (it needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise _corrupt(p, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(sorted(SAFETENSORS_DTYPES))})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise _corrupt(p, f"tensor {name!r} has shape {shape!r}; a shape is a list of whole numbers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise _corrupt(p, f"tensor {name!r} has data_offsets {offsets!r}; they must be two whole numbers [start, end]")
+    start, end = offsets
+    if not 0 <= start <= end <= data_len:
+        raise _corrupt(p, f"tensor {name!r} points outside the file (offsets {start}..{end}, the data is "
+                          f"{data_len} bytes); it is truncated or corrupt")
+    numel = math.prod(shape)
+    if (end - start) * 8 != numel * DTYPE_BITS[dtype]:
+        raise _corrupt(p, f"tensor {name!r} has shape {shape} of {dtype}, which needs "
+                          f"{numel * DTYPE_BITS[dtype] / 8:g} bytes, but its offsets span {end - start} bytes")
+    return start, end
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """Read and check a safetensors header without loading tensors.
 
     Returns ``(entries, metadata)`` where entries maps tensor names to their
-    ``{"dtype", "shape", "data_offsets"}``. Every way a header can be corrupt
-    becomes an ``InputFileError`` naming the file.
+    ``{"dtype", "shape", "data_offsets"}``. Every way a header can be corrupt (the checks the safetensors
+    library makes on load: header bound, JSON, dtypes, shapes, byte sizes, spans that tile the data exactly)
+    becomes an ``InputFileError`` naming the file, so header-only readers refuse what a full load would.
     """
     p = Path(path)
     if not p.exists():
         raise InputFileError(f"{p} does not exist. Check the path.")
     if p.is_dir():
-        raise InputFileError(f"{p} is a folder, but a .safetensors file was expected.")
-    size = p.stat().st_size
-    if size < 8:
-        raise InputFileError(f"{p} is {size} bytes long: too short to be a safetensors file "
-                             "(it is empty or was cut off while downloading). Download it again.")
-    with open(p, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n > MAX_HEADER_BYTES or n > size - 8:
-            raise InputFileError(f"{p} is not a valid safetensors file: its header claims {n} bytes but the "
-                                 f"file has {size}. It is truncated or not a safetensors file.")
-        raw = fh.read(n)
+        raise InputFileError(f"{p} is a folder, but a .safetensors file was expected. Give the file inside it.")
+    try:
+        size = p.stat().st_size
+        if size < 8:
+            raise InputFileError(f"{p} is {size} bytes long: too short to be a safetensors file (it is empty or "
+                                 "was cut off while downloading). Download or export it again.")
+        with open(p, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise _corrupt(p, f"its header length field says {n} bytes, larger than the {MAX_HEADER_BYTES} "
+                                  "byte limit for a safetensors header")
+            if n > size - 8:
+                raise _corrupt(p, f"its header claims {n} bytes but the file has only {size}; it is truncated")
+            raw = fh.read(n)
+    except OSError as err:
+        raise InputFileError(f"cannot read {p}: {err.strerror or err}. Check the file's permissions.") from err
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputFileError(f"{p} is not a valid safetensors file: its header is not JSON ({err}).") from err
+        raise _corrupt(p, f"its header is not JSON ({err})") from err
     if not isinstance(header, dict):
-        raise InputFileError(f"{p} is not a valid safetensors file: its header is not a JSON object.")
+        raise _corrupt(p, "its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
-        raise InputFileError(f"{p}: __metadata__ must be an object of strings.")
+        raise _corrupt(p, "its __metadata__ is not an object of strings")
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     data_len = size - 8 - n
-    spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise InputFileError(f"{p}: tensor entry {name!r} is malformed.")
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise InputFileError(f"{p}: tensor {name!r} has unknown dtype {info['dtype']!r}.")
-        start, end = info["data_offsets"]
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
-            raise InputFileError(f"{p}: tensor {name!r} points outside the file (offsets {start}..{end}, "
-                                 f"data is {data_len} bytes). The file is truncated or corrupt.")
-        spans.append((start, end, name))
-    spans.sort()
-    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise InputFileError(f"{p}: tensors {n0!r} and {n1!r} overlap; the file is corrupt.")
+    spans = sorted((*_check_entry(p, name, info, data_len), name) for name, info in header.items())
+    pos, prev = 0, None
+    for start, end, name in spans:
+        if start < pos:
+            raise _corrupt(p, f"tensors {prev!r} and {name!r} overlap")
+        if start > pos:
+            raise _corrupt(p, f"bytes {pos}..{start} of the data belong to no tensor")
+        pos, prev = end, name
+    if pos != data_len:
+        raise _corrupt(p, f"{data_len - pos} bytes after the last tensor belong to no tensor; it is truncated "
+                          "or was joined with other data")
     return header, metadata
 
 
@@ -142,11 +208,18 @@ def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise UnsafeFileError(f"{p} could not be loaded with weights_only=True ({err}); "
-                                  "it holds more than plain tensors. Convert it to .safetensors.") from err
+            if "weights_only" in str(err) or "Weights only" in str(err):
+                found = re.search(r"GLOBAL (\S+)", str(err))
+                what = f" (it refers to {found.group(1)})" if found else ""
+                raise UnsafeFileError(f"{p} holds objects other than plain tensors{what}, so it was not loaded: "
+                                      "torch.load(weights_only=True) refuses them, as unpickling them could run code. Convert it to .safetensors with a tool "
+                                      "you trust, or use another file.") from err
+            raise InputFileError(f"{p} could not be read as a PyTorch checkpoint ({err}); it is damaged or not a "
+                                 "checkpoint. Download it again, or use a .safetensors file.") from err
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
-            raise InputFileError(f"{p} does not hold a dict of tensors.")
+            raise InputFileError(f"{p} holds a {type(obj).__name__}, not a dict of tensors; it is not a model "
+                                 "checkpoint. Give a .safetensors file.")
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
     return load_safetensors(p)

@@ -1,0 +1,421 @@
+"""A corpus of bad inputs: each builder writes one broken file (or folder) into a given folder and returns its path.
+
+Used by tests/test_bad_*.py, test_pickles.py and test_fuzz_reader.py. Every case is paired with the words its
+error message must contain, so a test checks that the message says *what* is wrong, not only that it raised.
+
+Counts (kept in step with the tests; see the README section "Bad inputs and faults"):
+    inputs tried:   40 hand-made bad inputs (18 safetensors x 6 readers, 9 LoRA contents, 4 pickle cases,
+                    11 images/captions + 2 folders, 9 configs) + 400 hypothesis examples (200 random byte
+                    strings-or-mutations x read_lora and inspect_lora)
+    faults injected: 13 (StopFlag at 3 seeded steps, SIGINT, SIGTERM, ENOSPC midway through a LoRA save,
+                    a state save, a single-file export and a diffusers-folder export, a file used as a
+                    folder for each of the three, torch.OutOfMemoryError in a step)
+    failures found and fixed: 6 (listed in the README section)
+
+Safetensors files are written byte by byte here (not with the safetensors library) so that a header can say
+exactly the wrong thing. Layout: 8-byte little-endian header length, the JSON header, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# A small valid kohya LoRA module for the demo UNet (to_q of the first transformer: 32 -> 32).
+MODULE = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def raw_safetensors(path: Path, header: dict | bytes, data: bytes, declared_len: int | None = None) -> Path:
+    """Write ``header`` (a dict dumped to JSON, or raw bytes) with ``declared_len`` as its length field."""
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(body) if declared_len is None else declared_len
+    path.write_bytes(struct.pack("<Q", n) + body + data)
+    return path
+
+
+def valid_parts(rank: int = 2, width: int = 32) -> tuple[dict, bytes]:
+    """Header and data of a valid kohya LoRA file with one module (down, up, alpha), float32."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{MODULE}.lora_down.weight": torch.randn(rank, width, generator=g) * 0.1,
+               f"{MODULE}.lora_up.weight": torch.randn(width, rank, generator=g) * 0.1,
+               f"{MODULE}.alpha": torch.tensor(float(rank))}
+    header: dict = {"__metadata__": {"ss_network_dim": str(rank)}}
+    data, offset = b"", 0
+    for name, t in tensors.items():
+        raw = t.numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        data += raw
+        offset += len(raw)
+    return header, data
+
+
+def write_valid(folder: Path, name: str = "valid.safetensors") -> Path:
+    header, data = valid_parts()
+    return raw_safetensors(Path(folder) / name, header, data)
+
+
+def _edit(folder: Path, name: str, change: Callable[[dict], None]) -> Path:
+    header, data = valid_parts()
+    change(header)
+    return raw_safetensors(Path(folder) / name, header, data)
+
+
+def _entry(h: dict, suffix: str = "lora_down.weight") -> dict:
+    return h[f"{MODULE}.{suffix}"]
+
+
+# --------------------------------------------------------------------------- broken safetensors files
+def zero_byte(folder: Path) -> Path:
+    p = Path(folder) / "empty.safetensors"
+    p.write_bytes(b"")
+    return p
+
+
+def too_short(folder: Path) -> Path:
+    p = Path(folder) / "short.safetensors"
+    p.write_bytes(b"\x10\x00\x00")
+    return p
+
+
+def truncated_data(folder: Path) -> Path:
+    """A download cut off in the tensor data: the header is whole, the data is not."""
+    good = write_valid(folder, "whole.safetensors").read_bytes()
+    p = Path(folder) / "truncated.safetensors"
+    p.write_bytes(good[:-40])
+    return p
+
+
+def truncated_header(folder: Path) -> Path:
+    """A download cut off inside the JSON header."""
+    good = write_valid(folder, "whole.safetensors").read_bytes()
+    p = Path(folder) / "truncated-header.safetensors"
+    p.write_bytes(good[:30])
+    return p
+
+
+def header_longer_than_file(folder: Path) -> Path:
+    header, data = valid_parts()
+    return raw_safetensors(Path(folder) / "longheader.safetensors", header, data, declared_len=10_000_000)
+
+
+def huge_header(folder: Path) -> Path:
+    """A length field of 2**40 bytes: a reader that trusted it would try to allocate a terabyte."""
+    header, data = valid_parts()
+    return raw_safetensors(Path(folder) / "huge.safetensors", header, data, declared_len=2 ** 40)
+
+
+def invalid_json(folder: Path) -> Path:
+    return raw_safetensors(Path(folder) / "badjson.safetensors", b'{"a": {"dtype": "F32", "shape": [1', b"\0" * 4)
+
+
+def non_utf8_header(folder: Path) -> Path:
+    return raw_safetensors(Path(folder) / "latin.safetensors", b'{"\xff\xfe": 1}', b"")
+
+
+def header_not_object(folder: Path) -> Path:
+    return raw_safetensors(Path(folder) / "list.safetensors", b"[1, 2, 3]", b"")
+
+
+def offsets_out_of_range(folder: Path) -> Path:
+    def change(h):
+        _entry(h, "alpha")["data_offsets"] = [512, 10_000]
+    return _edit(folder, "outside.safetensors", change)
+
+
+def offsets_overlap(folder: Path) -> Path:
+    """Two tensors claim the same bytes (lora_up set to lora_down's span, both 256 bytes)."""
+    def change(h):
+        _entry(h, "lora_up.weight")["data_offsets"] = list(_entry(h)["data_offsets"])
+    return _edit(folder, "overlap.safetensors", change)
+
+
+def offsets_reversed(folder: Path) -> Path:
+    def change(h):
+        _entry(h)["data_offsets"] = [256, 0]
+    return _edit(folder, "reversed.safetensors", change)
+
+
+def offsets_wrong_size(folder: Path) -> Path:
+    """Offsets inside the file, but 128 bytes for a (2, 32) float32 tensor that needs 256."""
+    def change(h):
+        _entry(h)["data_offsets"] = [0, 128]
+    return _edit(folder, "wrongsize.safetensors", change)
+
+
+def offsets_malformed(folder: Path) -> Path:
+    def change(h):
+        _entry(h)["data_offsets"] = [0]
+    return _edit(folder, "oneoffset.safetensors", change)
+
+
+def wrong_dtype(folder: Path) -> Path:
+    def change(h):
+        _entry(h)["dtype"] = "float32"
+    return _edit(folder, "dtype.safetensors", change)
+
+
+def shape_malformed(folder: Path) -> Path:
+    def change(h):
+        _entry(h)["shape"] = [-2, "32"]
+    return _edit(folder, "shape.safetensors", change)
+
+
+def entry_malformed(folder: Path) -> Path:
+    def change(h):
+        del _entry(h)["dtype"]
+    return _edit(folder, "entry.safetensors", change)
+
+
+def metadata_not_object(folder: Path) -> Path:
+    def change(h):
+        h["__metadata__"] = ["ss_network_dim", "2"]
+    return _edit(folder, "meta.safetensors", change)
+
+
+def directory(folder: Path) -> Path:
+    p = Path(folder) / "folder.safetensors"
+    p.mkdir()
+    return p
+
+
+def missing(folder: Path) -> Path:
+    return Path(folder) / "nowhere.safetensors"
+
+
+# name -> (builder, words the message must contain (any one of each tuple, case-insensitive))
+SAFETENSORS_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]] = {
+    "zero_byte": (zero_byte, (("0 bytes", "empty"),)),
+    "too_short": (too_short, (("too short", "3 bytes"),)),
+    "truncated_data": (truncated_data, (("truncated", "cut off"),)),
+    "truncated_header": (truncated_header, (("truncated", "cut off"),)),
+    "header_longer_than_file": (header_longer_than_file, (("header",), ("truncated",))),
+    "huge_header": (huge_header, (("header",), ("limit", "larger than"))),
+    "invalid_json": (invalid_json, (("json",),)),
+    "non_utf8_header": (non_utf8_header, (("json", "utf-8"),)),
+    "header_not_object": (header_not_object, (("json object",),)),
+    "offsets_out_of_range": (offsets_out_of_range, (("outside",),)),
+    "offsets_overlap": (offsets_overlap, (("overlap",),)),
+    "offsets_reversed": (offsets_reversed, (("offsets",),)),
+    "offsets_wrong_size": (offsets_wrong_size, (("bytes",), ("shape",))),
+    "offsets_malformed": (offsets_malformed, (("data_offsets",),)),
+    "wrong_dtype": (wrong_dtype, (("dtype",), ("float32",))),
+    "shape_malformed": (shape_malformed, (("shape",),)),
+    "entry_malformed": (entry_malformed, (("malformed", "missing"),)),
+    "metadata_not_object": (metadata_not_object, (("__metadata__",),)),
+    "directory": (directory, (("folder",),)),
+    "missing": (missing, (("does not exist",),)),
+}
+
+
+# --------------------------------------------------------------------------- LoRA contents
+def lora_file(folder: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    p = Path(folder) / name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=metadata or {})
+    return p
+
+
+def lora_pair(rank: int = 2, out: int = 32, inp: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"{MODULE}.lora_down.weight": torch.randn(rank, inp, generator=g) * 0.1,
+            f"{MODULE}.lora_up.weight": torch.randn(out, rank, generator=g) * 0.1,
+            f"{MODULE}.alpha": torch.tensor(float(max(rank, 1)))}
+
+
+def unknown_scheme(folder: Path) -> Path:
+    return lora_file(folder, "unknown.safetensors", {"encoder.layer1.adapter.weight": torch.zeros(2, 2),
+                                                     "model.blocks.0.w": torch.zeros(3)})
+
+
+def shape_mismatch(folder: Path) -> Path:
+    """Names of the demo model's layers, widths of another model (48 inputs where the layer has 32)."""
+    return lora_file(folder, "wrongshape.safetensors", lora_pair(inp=48))
+
+
+def nan_weights(folder: Path) -> Path:
+    t = lora_pair()
+    t[f"{MODULE}.lora_up.weight"][3, 1] = float("nan")
+    return lora_file(folder, "nan.safetensors", t)
+
+
+def inf_weights_fp16(folder: Path) -> Path:
+    t = {k: v.half() for k, v in lora_pair().items()}
+    t[f"{MODULE}.lora_down.weight"][0, 0] = float("inf")
+    return lora_file(folder, "inf16.safetensors", t)
+
+
+def rank_zero(folder: Path) -> Path:
+    return lora_file(folder, "rank0.safetensors", lora_pair(rank=0))
+
+
+def missing_up(folder: Path) -> Path:
+    t = lora_pair()
+    del t[f"{MODULE}.lora_up.weight"]
+    return lora_file(folder, "noup.safetensors", t)
+
+
+def ranks_disagree(folder: Path) -> Path:
+    t = lora_pair()
+    t[f"{MODULE}.lora_up.weight"] = torch.zeros(32, 3)
+    return lora_file(folder, "ranks.safetensors", t)
+
+
+def loha_inner_mismatch(folder: Path) -> Path:
+    """LoHa whose factors cannot multiply: hada_w1_a is (32, 4) but hada_w1_b is (3, 32)."""
+    return lora_file(folder, "loha-bad.safetensors", {
+        f"{MODULE}.hada_w1_a": torch.zeros(32, 4), f"{MODULE}.hada_w1_b": torch.zeros(3, 32),
+        f"{MODULE}.hada_w2_a": torch.zeros(32, 4), f"{MODULE}.hada_w2_b": torch.zeros(4, 32),
+        f"{MODULE}.alpha": torch.tensor(4.0)})
+
+
+def lokr_rank_zero(folder: Path) -> Path:
+    """LoKr with empty factors (w1 = w1_a @ w1_b over rank 0): its delta would be all zeros."""
+    return lora_file(folder, "lokr0.safetensors", {
+        f"{MODULE}.lokr_w1_a": torch.zeros(4, 0), f"{MODULE}.lokr_w1_b": torch.zeros(0, 4),
+        f"{MODULE}.lokr_w2": torch.zeros(8, 8), f"{MODULE}.alpha": torch.tensor(1.0)})
+
+
+def one_dim_factor(folder: Path) -> Path:
+    """lora_down stored as a 1-D vector (a damaged or hand-edited file)."""
+    t = lora_pair()
+    t[f"{MODULE}.lora_down.weight"] = torch.zeros(2)
+    return lora_file(folder, "flat.safetensors", t)
+
+
+# name -> (builder, message words); all must be refused by read_lora or by LoraMixer.add on the demo model
+LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]] = {
+    "unknown_scheme": (unknown_scheme, (("known lora scheme",), ("encoder.layer1",))),
+    "shape_mismatch": (shape_mismatch, (("do not fit",), ("another size", "48"))),
+    "nan_weights": (nan_weights, (("nan",),)),
+    "inf_weights_fp16": (inf_weights_fp16, (("inf",),)),
+    "rank_zero": (rank_zero, (("rank 0",),)),
+    "missing_up": (missing_up, (("incomplete",), ("lora_up",))),
+    "ranks_disagree": (ranks_disagree, (("ranks disagree",),)),
+    "loha_inner_mismatch": (loha_inner_mismatch, (("hada_w1",),)),
+    "lokr_rank_zero": (lokr_rank_zero, (("rank 0",),)),
+    "one_dim_factor": (one_dim_factor, (("lora_down",), ("2 dimensions", "dimension"))),
+}
+
+
+# --------------------------------------------------------------------------- pickles
+class WritesMarker:
+    """Unpickling this object calls ``Path(marker).write_text("pwned")``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.write_text, (pathlib.Path(self.marker), "pwned"))
+
+
+def malicious_pickle(folder: Path, suffix: str, marker: Path) -> Path:
+    """A torch-saved checkpoint whose state_dict also holds an object that writes ``marker`` when unpickled."""
+    p = Path(folder) / f"evil{suffix}"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(2), "payload": WritesMarker(marker)}}, p)
+    return p
+
+
+def plain_pickle(folder: Path, suffix: str) -> Path:
+    """A harmless torch checkpoint of plain tensors (what ``allow_pickle`` is for)."""
+    p = Path(folder) / f"plain{suffix}"
+    torch.save({"state_dict": {f"{MODULE}.lora_down.weight": torch.ones(2, 32)}}, p)
+    return p
+
+
+# --------------------------------------------------------------------------- images and captions
+def _save(img, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def image_cases(folder: Path) -> dict[str, Path]:
+    """Write every picture case into ``folder`` (flat); returns name -> path. Good ones get a caption sidecar."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    out: dict[str, Path] = {}
+    rgb = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), "RGB")
+    good = _save(rgb, folder / "good.jpg", quality=90)
+    out["truncated_jpeg"] = folder / "truncated.jpg"
+    out["truncated_jpeg"].write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    out["cmyk_jpeg"] = _save(rgb.convert("CMYK"), folder / "cmyk.jpg")
+    arr16 = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    out["png16"] = _save(Image.fromarray(arr16), folder / "grey16.png")
+    pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    pal.info["transparency"] = 0
+    out["palette_transparent"] = _save(pal, folder / "palette.png", transparency=0)
+    # a tall picture (40 wide, 64 high) tagged "rotate 90" (EXIF orientation 6): shown, it is 64 wide, 40 high
+    tall = Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out["exif_rotated"] = _save(tall, folder / "rotated.jpg", exif=exif.tobytes())
+    out["one_pixel"] = _save(Image.new("RGB", (1, 1), (200, 10, 10)), folder / "dot.png")
+    out["not_an_image"] = folder / "notes.png"
+    out["not_an_image"].write_text("this is a text file with an image extension\n")
+    good.unlink()
+    return out
+
+
+def large_image(folder: Path, width: int, height: int) -> Path:
+    """A plain PNG of ``width`` x ``height`` (compresses to a few KB, decompresses to width*height*3 bytes)."""
+    from PIL import Image
+
+    p = Path(folder) / f"large-{width}x{height}.png"
+    Image.new("RGB", (width, height), (30, 90, 200)).save(p, optimize=False)
+    return p
+
+
+def caption_cp1252(path: Path) -> Path:
+    path.write_bytes("café crème, naïve résumé – “quoted”".encode("cp1252"))
+    return path
+
+
+def caption_utf16(path: Path) -> Path:
+    path.write_bytes("\ufeffcafé crème, naïve".encode("utf-16-le"))
+    return path
+
+
+# --------------------------------------------------------------------------- configs and presets
+CONFIG_CASES: dict[str, tuple[dict, tuple[tuple[str, ...], ...]]] = {
+    "unknown_key": ({"stepz": 10}, (("unknown key",), ("stepz",))),
+    "wrong_type_str_for_int": ({"steps": "ten"}, (("wrong type",), ("steps",), ("whole number",))),
+    "wrong_type_bool_for_int": ({"rank": True}, (("wrong type",), ("rank",))),
+    "wrong_type_list": ({"target_modules": "to_q"}, (("wrong type",), ("list of strings",))),
+    "zero_steps": ({"steps": 0}, (("steps = 0",), ("positive",))),
+    "negative_steps": ({"steps": -5}, (("steps = -5",), ("positive",))),
+    "negative_lr": ({"learning_rate": -1e-4}, (("learning_rate",), ("greater than 0",))),
+    "nan_lr": ({"learning_rate": float("nan")}, (("learning_rate",), ("greater than 0",))),
+    "not_an_object": ([1, 2, 3], (("json object",),)),
+}
+
+
+# --------------------------------------------------------------------------- checking messages
+# Words that start the "what to do" part of a message (every LoraStudioError must say what to do).
+ADVICE = ("download", "check", "use ", "give", "choose", "convert", "remove", "lower", "fix", "pass ", "put ",
+          "free ", "export", "resume", "set ", "start", "load a", "pick", "rename", "copy", "add ", "turn on",
+          "swap", "name ", "train", "move", "install")
+
+
+def assert_helpful(err: BaseException, words: tuple[tuple[str, ...], ...] = (), path: Path | None = None) -> None:
+    """The message names the problem (one word of each tuple), names the file when given, and gives advice."""
+    from lora_studio.errors import LoraStudioError
+
+    assert isinstance(err, LoraStudioError), f"{type(err).__name__} is not a LoraStudioError: {err}"
+    msg = str(err)
+    low = msg.lower()
+    for options in words:
+        assert any(w.lower() in low for w in options), f"message lacks any of {options}: {msg}"
+    if path is not None:
+        assert Path(path).name in msg, f"message does not name {Path(path).name}: {msg}"
+    assert any(a in low for a in ADVICE), f"message gives no advice: {msg}"
+    assert "Traceback" not in msg

@@ -1,0 +1,89 @@
+"""Every broken safetensors file in the corpus, through every public reader: a clear ``InputFileError`` that
+says what is wrong with the file and what to do, never another exception type."""
+
+from __future__ import annotations
+
+import pytest
+
+import bad_inputs as B
+from lora_studio import fileio
+from lora_studio.errors import InputFileError
+from lora_studio.lora.formats import read_lora
+from lora_studio.lora.inspect import inspect_lora
+from lora_studio.mix import LoraMixer
+from lora_studio.models import describe_checkpoint, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from lora_factories import demo_or_random_pipeline
+
+    return demo_or_random_pipeline()
+
+
+READERS = {
+    "load_safetensors": lambda p, pipe: fileio.load_safetensors(p),
+    "read_safetensors_header": lambda p, pipe: fileio.read_safetensors_header(p),
+    "read_lora": lambda p, pipe: read_lora(p),
+    "inspect_lora": lambda p, pipe: inspect_lora(p),
+    "load_pipeline": lambda p, pipe: load_pipeline(p),
+    "describe_checkpoint": lambda p, pipe: describe_checkpoint(p),
+    "LoraMixer.add": lambda p, pipe: LoraMixer(pipe).add(p),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("case", B.SAFETENSORS_CASES)
+def test_broken_file_is_refused_clearly(case, reader, tmp_path, pipe):
+    build, words = B.SAFETENSORS_CASES[case]
+    path = build(tmp_path)
+    with pytest.raises(InputFileError) as info:
+        READERS[reader](path, pipe)
+    # load_pipeline/describe_checkpoint read a folder as a diffusers model: they say that instead
+    folder_reader = case == "directory" and reader in ("load_pipeline", "describe_checkpoint")
+    B.assert_helpful(info.value, (("folder",),) if folder_reader else words, path)
+
+
+def test_the_valid_file_the_corpus_breaks_loads(tmp_path):
+    """The corpus edits a file that is itself valid, so each refusal is caused by the edit."""
+    path = B.write_valid(tmp_path)
+    tensors, meta = fileio.load_safetensors(path)
+    assert set(tensors) == {f"{B.MODULE}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert meta == {"ss_network_dim": "2"}
+    assert read_lora(path).modules[B.MODULE].rank == 2
+    assert inspect_lora(path).problem is None
+
+
+def test_header_bound_is_enforced_before_reading(tmp_path, monkeypatch):
+    """A header that is really longer than the bound (not only a lying length field) is refused unread."""
+    path = B.write_valid(tmp_path)
+    monkeypatch.setattr(fileio, "MAX_HEADER_BYTES", 64)
+    reads = []
+    real_open = open
+
+    def counting_open(*a, **kw):
+        fh = real_open(*a, **kw)
+        real_read = fh.read
+        fh.read = lambda n=-1: reads.append(n) or real_read(n)  # noqa: E731
+        return fh
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    with pytest.raises(InputFileError) as info:
+        fileio.read_safetensors_header(path)
+    B.assert_helpful(info.value, (("limit",),), path)
+    assert reads == [8], "only the 8-byte length field may be read"
+
+
+def test_header_reader_agrees_with_the_safetensors_library(tmp_path):
+    """Each corrupt case the header check refuses, the library refuses too: the header check is not stricter
+    than the format (the valid-file test above shows it accepts a good file)."""
+    from safetensors.torch import load_file
+
+    for name, (build, _) in B.SAFETENSORS_CASES.items():
+        if name in ("directory", "missing"):
+            continue
+        folder = tmp_path / name
+        folder.mkdir()
+        path = build(folder)
+        with pytest.raises(Exception):
+            load_file(str(path))

@@ -15,19 +15,7 @@ from lora_studio.ui.paths import PathPolicy
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from ui_server import start_app  # noqa: E402
-
-
-def base_model_for_tests(tmp_path_factory) -> tuple[str, list[Path]]:
-    """'demo' once the demo weights are shipped; until then the same architecture with random weights, saved
-    as a diffusers folder (never trains the demo model: that takes minutes)."""
-    from lora_studio.demo import DEMO_MODEL_DIR, random_demo_pipeline
-
-    if (DEMO_MODEL_DIR / "model_index.json").exists():
-        return "demo", []
-    folder = tmp_path_factory.mktemp("random-base") / "base"
-    random_demo_pipeline().save_pretrained(folder)
-    return str(folder), [folder]
+from ui_server import base_model_for_tests, start_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

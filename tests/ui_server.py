@@ -56,3 +56,16 @@ def start_app(outputs: Path, allow_dirs: Sequence[Path] = (), start_port: int = 
                 raise
             time.sleep(0.2)
     return RunningApp(url, port, ctx.outputs, registry, app)
+
+
+def base_model_for_tests(tmp_path_factory) -> tuple[str, list[Path]]:
+    """('demo', []) once the demo weights are shipped; until then the same architecture with random weights,
+    saved as a diffusers folder that the app is allowed to read (never trains the demo model: that takes
+    minutes). Returns (the base-model text to type, folders to allow)."""
+    from lora_studio.demo import DEMO_MODEL_DIR, random_demo_pipeline
+
+    if (DEMO_MODEL_DIR / "model_index.json").exists():
+        return "demo", []
+    folder = tmp_path_factory.mktemp("random-base") / "base"
+    random_demo_pipeline().save_pretrained(folder)
+    return str(folder), [folder]

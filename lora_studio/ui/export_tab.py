@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..export import DTYPES, FORMATS, export_merged_checkpoint, extract_lora, merge_loras, parse_lora_arg, resize_lora
+from ..export import FORMATS, export_merged_checkpoint, parse_lora_arg
+from ..export_lora import extract_lora, merge_loras, resize_lora
 from ..lora.rank import METHODS
 from ..mix_session import MixSession
 from ..spectrum import plot_spectrum
@@ -32,7 +33,7 @@ def _model(ctx: AppContext, text: str, what: str) -> str:
 
 
 def build_export_tab(ctx: AppContext, mix_state: gr.State) -> None:
-    precisions = [d for d in ("fp16", "bf16", "fp32") if d in DTYPES] or list(DTYPES)
+    precisions = ["fp16", "bf16", "fp32"]   # checked by export_lora.parse_dtype
     with gr.Accordion("Merged checkpoint: LoRAs fused into the base model", open=True):
         with gr.Row():
             ck_base = gr.Textbox("demo", label="Base model", scale=2)

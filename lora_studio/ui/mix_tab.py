@@ -77,7 +77,7 @@ def build_mix_tab(ctx: AppContext, mix_state: gr.State) -> None:
     gen_inputs = [prompt, negative, seed, steps, cfg, width, height, sampler]
     render_btn = gr.Button("Render comparison", variant="primary")
     grid = gr.Image(label="Base / each LoRA / mix", type="filepath", elem_id="mix-grid", format="png")
-    tiles = gr.Gallery(label="Images", columns=SLOTS + 2, height=200)
+    tiles = gr.Gallery(label="Images", columns=SLOTS + 2, height=200, object_fit="contain")
     info = gr.Markdown(elem_id="mix-info")
     with gr.Accordion("X/Y grid", open=False):
         with gr.Row():

@@ -58,6 +58,15 @@ def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: 
     if cfg.init == "pissa":  # PiSSA rewrites base weights; keep them to restore the base bit for bit afterwards
         originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
                      if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(n, t) for t in targets)}
+    too_wide = [(n, m.weight.shape[0], m.weight[0].numel()) for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(n, t) for t in targets)
+                and cfg.rank > min(m.weight.shape[0], m.weight[0].numel())]
+    if too_wide:
+        n, out_dim, in_dim = too_wide[0]
+        raise ConfigError(f"rank = {cfg.rank} is larger than layer {n} of the {prefix.strip('_')} model allows "
+                          f"({out_dim} outputs x {in_dim} inputs: rank {min(out_dim, in_dim)} already changes it "
+                          f"fully; {len(too_wide)} target layer(s) affected). Lower rank to "
+                          f"{min(min(o, i) for _, o, i in too_wide)} or less.")
     model.requires_grad_(False)
     try:
         inject_adapter_in_model(peft_lora_config(cfg, targets), model, adapter_name=ADAPTER)

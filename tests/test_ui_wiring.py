@@ -134,6 +134,45 @@ def test_export_and_inspect(running, trained):
     assert "a base model (single_file), not a LoRA" in report and "SD 1" in report
 
 
+def test_uploads_and_extract(running, trained):
+    app, client, base, _ = running
+    from gradio_client import handle_file
+
+    images = sorted(Path(trained["data"]).rglob("*.png"))[:3]
+    captions = [p.with_suffix(".txt") for p in images]
+    folder = client.predict(files=[handle_file(str(p)) for p in images + captions], name="mine",
+                            api_name="/train_use_uploads")
+    assert Path(folder) == app.outputs / "datasets" / "mine"
+    text = client.predict(folder=folder, trigger="", resolution=64, api_name="/train_preview")[0]
+    assert "3 images" in text and "10_images (3 images)" in text
+    report, _ = client.predict(file=handle_file(str(trained["lora"])), text="", api_name="/inspect")
+    assert "Kind:     LoRA" in report and "rank 4" in report and "stripes" in report   # dropped file, trigger word
+    # the Mix tab's session (rendered above) exported as a diffusers folder, then a LoRA extracted from it
+    text = client.predict(base=base, use_mix=True, loras="", fmt="diffusers", dtype="fp32", name="mixed-model",
+                          api_name="/export_checkpoint")
+    assert (app.outputs / "exports" / "mixed-model" / "model_index.json").is_file() and "diffusers" in text
+    text, plot = client.predict(tuned=str(app.outputs / "exports" / "mixed-model"), base=base, method="energy",
+                                value=0.99, targets="attn", name="extracted", api_name="/export_extract")
+    assert (app.outputs / "exports" / "extracted.safetensors").is_file() and "extract: wrote" in text
+    assert plot and Path(plot).is_file()
+
+
+def test_launch_options():
+    from lora_studio.ui.launch import exposure_warning, free_port, parse_args
+
+    assert "WARNING" in exposure_warning(parse_args(["--listen"]))
+    assert "WARNING" in exposure_warning(parse_args(["--share"]))
+    assert exposure_warning(parse_args(["--listen", "--auth", "me:pw"])) is None
+    assert exposure_warning(parse_args([])) is None
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert free_port("127.0.0.1", port) > port                 # the next free one, not the busy one
+
+
 def test_errors_are_messages_not_tracebacks(running, trained):
     _, client, base, _ = running
     with pytest.raises(AppError) as err:

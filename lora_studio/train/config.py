@@ -121,6 +121,9 @@ class TrainConfig:
             text = p.read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"cannot read config {p}: {err.strerror or err}. Check the path.") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config {p} is not UTF-8 text ({err}). Save it as UTF-8 and try again; "
+                              "check the path if it is not a JSON file.") from err
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:

@@ -403,7 +403,7 @@ CONFIG_CASES: dict[str, tuple[dict, tuple[tuple[str, ...], ...]]] = {
 # Words that start the "what to do" part of a message (every LoraStudioError must say what to do).
 ADVICE = ("download", "check", "use ", "give", "choose", "convert", "remove", "lower", "fix", "pass ", "put ",
           "free ", "export", "resume", "set ", "start", "load a", "pick", "rename", "copy", "add ", "turn on",
-          "swap", "name ", "train", "move", "install")
+          "swap", "name ", "train", "move", "install", "must be", "must start", "should")
 
 
 def assert_helpful(err: BaseException, words: tuple[tuple[str, ...], ...] = (), path: Path | None = None) -> None:

@@ -1,0 +1,183 @@
+"""Small helpers the benchmark scripts share: timing, medians, peak memory, worker subprocesses, tables.
+
+Peak memory on the CPU is the process's resident high-water mark (``VmHWM`` in ``/proc/self/status``, or
+``ru_maxrss`` where there is no /proc), so each measured variant runs in its own worker process: a peak
+that belongs to one variant never hides in another's number. On a GPU it is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+# Spinning OpenMP threads slow every process on a shared 2-core machine; set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_TAG = "BENCH_RESULT "
+
+
+# --------------------------------------------------------------------------- memory
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The highest resident set size of this process so far."""
+    kb = _status_kb("VmHWM")
+    if kb is None:  # no /proc: ru_maxrss is KiB on Linux, bytes on macOS
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb if sys.platform == "darwin" else kb * 1024
+    return kb * 1024
+
+
+def current_rss_bytes() -> int:
+    kb = _status_kb("VmRSS")
+    return (kb or 0) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark (Linux: writing 5 to /proc/self/clear_refs). False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f}"
+
+
+# --------------------------------------------------------------------------- timing
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], repeat: int = 1, warmup: int = 0, device="cpu") -> list[float]:
+    """Seconds per call for ``repeat`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measured_matmul_tflops(device: str = "cuda", n: int = 8192, iters: int = 20) -> float | None:
+    """Dense bf16 matmul rate actually reached on this GPU (the MFU denominator); None on the CPU."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    rate = 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+# --------------------------------------------------------------------------- workers
+def emit(result: dict) -> None:
+    """A worker's last word: one tagged JSON line on stdout."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_worker(script: str | Path, args: Sequence[str], timeout: float | None = None) -> dict:
+    """Run ``python script args`` in a fresh process and return the dict it ``emit``-ed.
+
+    stderr passes through (so warnings and tracebacks are visible); a failed worker raises with its output."""
+    cmd = [sys.executable, str(script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}")
+    return json.loads(found[-1][len(RESULT_TAG):])
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info chatter from diffusers/transformers in worker output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------- reporting
+def machine_summary() -> str:
+    import torch
+
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    try:
+        load = " ".join(open("/proc/loadavg", encoding="ascii").read().split()[:3])
+    except OSError:
+        load = "n/a"
+    return (f"machine: {os.cpu_count()} CPUs ({cpu}), {gpu}; torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}; load {load}")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print(line(r))
+
+
+def ratio_line(ratios: dict[str, float | None]) -> str:
+    parts = [f"{k}={'n/a' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()]
+    return "RATIO ours/baseline: " + " ".join(parts)
+
+
+def safe_ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b

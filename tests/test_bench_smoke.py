@@ -1,0 +1,90 @@
+"""Keep the benchmark scripts alive: each runs at ``--size tiny --repeat 1`` and prints its table and ratio line.
+
+Speed is never asserted here (CI machines are shared); bench/RESULTS.md holds measured numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _run(cmd: list[str]) -> list[str]:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return [ln for ln in proc.stdout.splitlines() if ln.strip()]
+
+
+def _check_output(lines: list[str], header: str, ratio_keys: tuple[str, ...]) -> None:
+    assert any(ln.startswith("| " + header) for ln in lines), "\n".join(lines)
+    assert any(set(ln) <= set("|-") and ln.startswith("|--") for ln in lines), "no table rule line"
+    last = lines[-1]
+    assert last.startswith("RATIO ours/baseline: "), last
+    values = dict(part.split("=") for part in last.split(": ", 1)[1].split())
+    assert set(ratio_keys) <= set(values), last
+    for key in ratio_keys:
+        assert values[key].endswith("x") and float(values[key][:-1]) > 0, last
+
+
+@pytest.mark.slow
+def test_train_step_tiny_prints_table_and_ratios():
+    lines = _run([sys.executable, "bench/train_step.py", "--size", "tiny", "--repeat", "1"])
+    _check_output(lines, "variant", ("steps_per_s@b1", "peak_mem@b1", "steps_per_s@b4", "peak_mem@b4"))
+    assert any(ln.startswith("| ours ") for ln in lines) and any(ln.startswith("| baseline ") for ln in lines)
+
+
+@pytest.mark.slow
+def test_mix_apply_tiny_through_the_cli():
+    lines = _run([sys.executable, "-m", "lora_studio", "bench", "mix_apply", "--size", "tiny", "--repeat", "1"])
+    _check_output(lines, "apply", ("load_apply", "strength_change", "render_step_vs_unfused"))
+    assert any(ln.startswith("same weights:") for ln in lines)
+    ours = next(ln for ln in lines if ln.startswith("| ours: LoraMixer"))
+    assert ours.rstrip(" |").endswith("0 opens, 0 reads"), ours  # a strength change reads no file
+
+
+@pytest.mark.slow
+def test_export_tiny_prints_table_and_ratios():
+    lines = _run([sys.executable, "bench/export.py", "--size", "tiny", "--repeat", "1"])
+    _check_output(lines, "export", ("seconds", "peak_rss", "peak_rss_vs_ckpt"))
+    assert any(ln.startswith("outputs agree") for ln in lines)
+
+
+def test_bench_cli_rejects_unknown_names():
+    proc = subprocess.run([sys.executable, "-m", "lora_studio", "bench", "nope"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "'nope'" in proc.stderr and "train_step" in proc.stderr
+
+
+def test_open_watcher_counts_opens_and_reads(tmp_path):
+    from bench.mix_apply import OpenWatcher
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    w = OpenWatcher(f)
+    if not w.works:
+        pytest.skip("inotify is not available on this system")
+    assert w.count() == (0, 0)
+    f.read_bytes()
+    opens, reads = w.count()
+    assert opens >= 1 and reads >= 1
+    assert w.count() == (0, 0)
+
+
+def test_peak_rss_and_ratio_line():
+    from bench.common import peak_rss_bytes, ratio_line
+
+    before = peak_rss_bytes()
+    block = bytearray(64 * 2**20)  # touch 64 MiB
+    block[::4096] = b"x" * len(block[::4096])
+    assert peak_rss_bytes() >= before
+    assert peak_rss_bytes() >= 64 * 2**20
+    assert ratio_line({"a": 1.4249, "b": None}) == "RATIO ours/baseline: a=1.42x b=n/a"

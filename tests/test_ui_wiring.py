@@ -37,14 +37,14 @@ def _image_path(item) -> str:
     return image if isinstance(image, str) else image["path"]
 
 
-def _poll_until_finished(client, timeout=150.0) -> list:
+def _poll_until_finished(client, timeout=150.0, states=("done", "error")) -> list:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         out = client.predict(api_name="/train_poll")
         if isinstance(out[0], str):
             last = out
-            if "data-state='done'" in out[0] or "data-state='error'" in out[0]:
+            if any(f"data-state='{st}'" in out[0] for st in states):
                 return out
         time.sleep(0.5)
     raise AssertionError(f"training did not finish; last status: {last and last[0]}")
@@ -155,6 +155,37 @@ def test_uploads_and_extract(running, trained):
                                 value=0.99, targets="attn", name="extracted", api_name="/export_extract")
     assert (app.outputs / "exports" / "extracted.safetensors").is_file() and "extract: wrote" in text
     assert plot and Path(plot).is_file()
+
+
+def test_stop_and_resume_through_the_api(running, trained):
+    app, client, base, _ = running
+    client.predict(preset="demo-cpu", data_dir=trained["data"], base=base, run_name="stop-run", steps=400,
+                   batch_size=1, api_name="/train_start")
+    deadline = time.monotonic() + 120
+    while app.registry.snapshot(app.registry.current()).step < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    client.predict(api_name="/train_stop")
+    status = _poll_until_finished(client, states=("stopped", "error"))[0]
+    assert "data-state='stopped'" in status and "Resume continues" in status
+    step = app.registry.snapshot(app.registry.current()).step
+    assert 1 <= step < 400
+    client.predict(preset="demo-cpu", data_dir=trained["data"], base=base, run_name="stop-run", steps=step + 1,
+                   batch_size=1, api_name="/train_resume")
+    status = _poll_until_finished(client)[0]
+    assert f"done: step {step + 1}/{step + 1}" in status
+
+
+def test_preset_fills_the_knobs(running):
+    _, client, _, _ = running
+    values = client.predict(name="style-sd15", api_name="/train_load_preset")
+    from lora_studio.train.config import load_preset
+    from lora_studio.ui.train_tab import KNOB_FIELDS
+
+    cfg = load_preset("style-sd15")
+    got = dict(zip(KNOB_FIELDS, values))
+    assert got["rank"] == cfg.rank and got["resolution"] == cfg.resolution and got["steps"] == cfg.steps
+    assert got["target_modules"] == cfg.target_modules
 
 
 def test_launch_options():

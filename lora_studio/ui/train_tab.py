@@ -167,7 +167,7 @@ def build_train_tab(ctx: AppContext) -> None:
     @user_errors
     def on_preset(name):
         cfg = load_preset(name)
-        return [gr.update(value=getattr(cfg, f)) for f in KNOB_FIELDS]
+        return [getattr(cfg, f) for f in KNOB_FIELDS]
 
     def start(values):
         """Start training in the background; the page follows the job through the timer."""

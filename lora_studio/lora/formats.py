@@ -155,7 +155,9 @@ class LoraFile:
 
 def _fail(path, what: str, keys: list[str]) -> LoraFormatError:
     shown = ", ".join(keys[:6]) + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")
-    return LoraFormatError(f"{path}: {what}: {shown}.")
+    advice = "" if "again" in what else " Check that it is a LoRA for Stable Diffusion 1.x/2.x/XL; if it is, it " \
+        "is damaged or of a variant LoRA Studio does not read: download or export it again."
+    return LoraFormatError(f"{path}: {what}: {shown}.{advice}")
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
@@ -241,14 +243,16 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
     if missing:
         have = ", ".join(f"{name}.{s}" for s in g)
         raise LoraFormatError(f"{p}: module {name} is incomplete: it has {have} but no "
-                              f"{', '.join(missing)}. The file is damaged or of an unknown variant.")
+                              f"{', '.join(missing)}. The file is damaged or of an unknown variant: download "
+                              "or export it again.")
     _check_factors(p, name, g)
     if kind == "lora":
         down, up = g["lora_down.weight"], g["lora_up.weight"]
         rank = int(down.shape[0])
         if rank == 0 or up.dim() < 2 or int(up.shape[1]) != rank:
             raise LoraFormatError(f"{p}: module {name} has lora_down {tuple(down.shape)} and lora_up "
-                                  f"{tuple(up.shape)}: {'rank 0' if rank == 0 else 'the ranks disagree'}.")
+                                  f"{tuple(up.shape)}: {'rank 0' if rank == 0 else 'the ranks disagree'}. "
+                                  "The file is damaged: download or export it again.")
         kind = "locon" if down.dim() == 4 else "lora"
     elif kind == "loha":
         rank = int(g["hada_w1_b"].shape[0])

@@ -230,6 +230,9 @@ class LoraMixer:
                 continue
             acc = w0.to(device=param.device, dtype=torch.float32, copy=True)
             for coeff, mod in terms:
+                if not abs(coeff) <= torch.finfo(torch.float32).max:  # add_ raises RuntimeError beyond float32
+                    raise ExportError(f"strength {coeff:g} on {key[0]}.{key[1]} is beyond float32's range; "
+                                      "lower the strengths (the weights of this layer were left as they were).")
                 acc.add_(module_delta(mod, tuple(w0.shape), base=w0, device=param.device),
                          alpha=coeff)
             new = acc.to(param.dtype)

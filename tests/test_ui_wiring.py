@@ -85,8 +85,25 @@ def test_reload_reattaches_to_the_job(running, trained):
     assert "done: step 2/2" in status and "ui-run.safetensors" in status
 
 
-def test_mix_render_and_reweight_without_reloading(running, trained):
+def test_mix_render_and_reweight_without_reloading(running, trained, monkeypatch):
     app, client, base, _ = running
+    # the server runs in this process: count the real model loads and LoRA file reads behind the page's counters
+    import lora_studio.mix as mix
+    import lora_studio.models as models
+
+    calls = {"load": 0, "read": 0}
+    real_load, real_read = models.load_pipeline, mix.read_lora
+
+    def counting_load(*a, **k):
+        calls["load"] += 1
+        return real_load(*a, **k)
+
+    def counting_read(*a, **k):
+        calls["read"] += 1
+        return real_read(*a, **k)
+
+    monkeypatch.setattr(models, "load_pipeline", counting_load)
+    monkeypatch.setattr(mix, "read_lora", counting_read)
     rows = client.predict(folder=str(app.outputs), api_name="/mix_scan")[0]
     names = [r[0] for r in rows["data"]]
     assert "runs/ui-run/ui-run" in names
@@ -101,14 +118,16 @@ def test_mix_render_and_reweight_without_reloading(running, trained):
             assert im.size == (64, 64)
     with Image.open(grid) as im:
         assert im.width >= 2 * 64 and "parameters" in im.text
-    assert "Model loads this session: 1; LoRA file reads: 1." in info
+    assert "Model loads this session: 1; LoRA file reads: 1." in info and calls == {"load": 1, "read": 1}
     grid2, tiles2, info2 = client.predict(strength_1=0.5, api_name="/mix_render", **common)
     assert [t["caption"] for t in tiles2] == ["base", "ui-run 0.5"]
     assert "Model loads this session: 1; LoRA file reads: 1." in info2     # the slider moved, nothing reloaded
+    assert calls == {"load": 1, "read": 1}
     xy, info3 = client.predict(x_axis="strength=0,1", y_axis="seed=1,2", api_name="/mix_xy", **common)
     with Image.open(xy) as im:
         assert "X Type: Strength" in im.text["parameters"]
     assert "X/Y grid: 4 cells" in info3 and "Model loads this session: 1; LoRA file reads: 1." in info3
+    assert calls == {"load": 1, "read": 1}
     with pytest.raises(AppError, match="block weight 'mid' should look like NAME=NUMBER"):
         client.predict(strength_1=0.5, blocks_1="down=1, mid", api_name="/mix_render", **common)
 

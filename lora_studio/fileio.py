@@ -150,6 +150,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
         raise InputFileError(f"{p} does not exist. Check the path.")
     if p.is_dir():
         raise InputFileError(f"{p} is a folder, but a .safetensors file was expected. Give the file inside it.")
+    refuse_pickle(p)  # a pickle has no safetensors header; say why it is not read rather than "corrupt"
     try:
         size = p.stat().st_size
         if size < 8:

@@ -35,7 +35,8 @@ class ImageItem:
 def read_caption_file(path: Path) -> str:
     """A sidecar caption; UTF-8 first, then Windows-1252/Latin-1 for files written by older tools."""
     raw = path.read_bytes()
-    for enc in CAPTION_ENCODINGS:
+    # UTF-16 (Windows Notepad's "Unicode") is recognised by its byte-order mark; cp1252 would decode it as garbage
+    for enc in ("utf-16",) * raw.startswith((b"\xff\xfe", b"\xfe\xff")) + CAPTION_ENCODINGS:
         try:
             text = raw.decode(enc)
             break

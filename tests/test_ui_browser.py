@@ -31,7 +31,6 @@ def page(tmp_path_factory):
 
 
 @pytest.mark.browser
-@pytest.mark.slow
 def test_train_then_mix_in_the_browser(page, tmp_path, tmp_path_factory):
     expect = sync_api.expect
     expect.set_options(timeout=120_000)   # a busy 2-core machine renders the page slowly

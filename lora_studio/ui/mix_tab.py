@@ -77,7 +77,8 @@ def build_mix_tab(ctx: AppContext, mix_state: gr.State) -> None:
     gen_inputs = [prompt, negative, seed, steps, cfg, width, height, sampler]
     render_btn = gr.Button("Render comparison", variant="primary")
     grid = gr.Image(label="Base / each LoRA / mix", type="filepath", elem_id="mix-grid", format="png")
-    tiles = gr.Gallery(label="Images", columns=SLOTS + 2, height=200, object_fit="contain")
+    tiles = gr.File(label="Each image (PNG with its generation parameters)", file_count="multiple",
+                    interactive=False)
     info = gr.Markdown(elem_id="mix-info")
     with gr.Accordion("X/Y grid", open=False):
         with gr.Row():
@@ -112,8 +113,7 @@ def build_mix_tab(ctx: AppContext, mix_state: gr.State) -> None:
             progress(0, desc="loading the base model" if session.base != base_text else "rendering")
         result = session.compare(base_text, _slots_from_values(ctx, v), _params(v), _out_dir("compare"),
                                  progress=progress_adapter(progress))
-        tiles_out = [(str(p), label) for p, label in zip(result.image_paths, result.labels)]
-        return session, str(result.grid_path), tiles_out, _summary(session, "Rendered: " + ", ".join(result.labels))
+        return session, str(result.grid_path), [str(p) for p in result.image_paths], _summary(session, "Rendered: " + ", ".join(result.labels))
 
     def render_xy(v, progress):
         """An X/Y grid starting from the slots' strengths."""

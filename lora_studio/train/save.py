@@ -132,11 +132,19 @@ def save_state(state_root: Path, step: int, adapter: Mapping[str, torch.Tensor],
     tmp = state_root / f".{name}.part"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_safetensors_atomic(adapter, tmp / "adapter.safetensors")
-    with atomic_path(tmp / "trainer.pt") as p:
-        torch.save(torch_state, p)
-    write_text_atomic(tmp / "trainer.json", json.dumps(info, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        save_safetensors_atomic(adapter, tmp / "adapter.safetensors")
+        with atomic_path(tmp / "trainer.pt") as p:
+            torch.save(torch_state, p)
+        write_text_atomic(tmp / "trainer.json", json.dumps(info, indent=1))
+    except BaseException as err:  # leave no half-written state folder behind, whatever stopped the write
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise TrainingError(f"cannot write training state into {state_root}: {err.strerror or err}. "
+                                "Choose an output folder you can write to (is a file named 'state' in the "
+                                "way?).") from err
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

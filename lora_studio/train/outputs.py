@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import TrainingError
 from ..family import Family
 from ..grid import labelled_grid
 from .config import TrainConfig
@@ -22,7 +23,11 @@ class RunWriter:
         self.prediction_type = cfg.prediction_type
 
     def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrainingError(f"cannot create the run folder {self.run_dir}: {err.strerror or err}. Choose an "
+                                "output folder you can write to (a file may be in the way).") from err
         self.cfg.to_json(self.run_dir / "config.json")
 
     def _metadata(self, modules, step: int) -> dict[str, str]:

@@ -60,15 +60,44 @@ def write_inputs(model: str, rank: int, folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- workers
+class StageMemory:
+    """Samples the resident set every 20 ms in a thread and keeps the highest value per progress stage
+    (load / merge / convert / write), to show where an export's peak comes from."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stage, self.peaks, self._stop = "start", {}, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __call__(self, event) -> None:  # a lora_studio ProgressCallback
+        self.stage = event.stage
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            rss = current_rss_bytes()
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def worker_ours(a) -> dict:
     from lora_studio.demo import DEMO_MODEL_DIR
     from lora_studio.export import export_merged_checkpoint
 
     idle = current_rss_bytes()
     t0 = time.perf_counter()
-    export_merged_checkpoint(a.ckpt, [(a.lora, 1.0)], a.out, fmt="single_file", dtype="fp16",
-                             config_dir=str(DEMO_MODEL_DIR) if a.model == "demo" else None)
-    return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(), "idle_rss": idle}
+    with StageMemory() as stages:
+        export_merged_checkpoint(a.ckpt, [(a.lora, 1.0)], a.out, fmt="single_file", dtype="fp16", progress=stages,
+                                 config_dir=str(DEMO_MODEL_DIR) if a.model == "demo" else None)
+    return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(), "idle_rss": idle,
+            "stages": stages.peaks}
 
 
 def worker_naive(a) -> dict:
@@ -151,6 +180,9 @@ def main(argv=None) -> int:
                      mib(m["idle_rss"]), f"{(m['peak_rss'] - m['idle_rss']) / ck:.2f}x"])
     print_table(["export (fp16 single file)", "seconds", "peak RSS MiB", "peak / ckpt", "RSS after imports MiB",
                  "(peak - imports) / ckpt"], rows)
+    stages = runs["ours"][0]["stages"]
+    print("ours, sampled RSS peak by export stage (MiB; first run): "
+          + ", ".join(f"{k} {mib(v)}" for k, v in stages.items()))
     print(f"outputs agree on the {inp['modules']} merged tensors: max |ours - naive| = {worst:.2e} "
           f"({nkeys} tensors in our file)")
     print(ratio_line({"seconds": safe_ratio(med["ours"]["seconds"], med["naive"]["seconds"]),

@@ -96,6 +96,12 @@ def demo_pipeline():
 
 
 def pipeline_for(model: str, seed: int = 0):
+    """``"demo"``, ``"sd15"``, ``"sdxl"``; ``"tiny-sdxl"`` (a source checkout's test helper) checks the SDXL code
+    paths on a CPU."""
+    if model == "tiny-sdxl":
+        from tests.tiny_families import tiny_pipeline
+
+        return tiny_pipeline("sdxl", seed)
     return demo_pipeline() if model == "demo" else random_pipeline(model, seed)
 
 

@@ -80,13 +80,13 @@ def worker_ours(a) -> dict:
 
     device = _device()
     pipe = pipeline_for(a.model)
-    if device == "cuda":
-        # What the trainer should do itself (it trains on whatever dtype the pipeline has): frozen weights in
-        # the compute dtype, as the diffusers example does, and a channels-last UNet for the tensor cores.
-        dtype = _dtype(a.precision)
+    # What the trainer should do itself (it trains in whatever dtype the pipeline has): frozen weights in the
+    # compute dtype, as the diffusers example does, and on a GPU a channels-last UNet for the tensor cores.
+    if a.precision != "no":
         for m in [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]:
             if m is not None:
-                m.to(device, dtype=dtype)
+                m.to(device, dtype=_dtype(a.precision))
+    if device == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
     out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
@@ -143,7 +143,7 @@ def worker_baseline(a) -> dict:
     device = _device()
     accelerator = Accelerator(mixed_precision=a.precision, cpu=device == "cpu")
     pipe = pipeline_for(a.model)
-    sdxl = a.model == "sdxl"
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     unet, vae = pipe.unet, pipe.vae
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
@@ -264,12 +264,12 @@ def main(argv=None) -> int:
     import torch
 
     size = dict(SIZES[a.size])
-    for key in ("batches", "steps", "warmup", "resolution", "precision"):
+    for key in ("batches", "steps", "warmup", "resolution", "precision", "model"):
         if getattr(a, key) is not None:
             size[key] = getattr(a, key)
-    if not torch.cuda.is_available() and size["precision"] != "no":
-        print(f"note: no GPU; --size {a.size} runs in fp32 on the CPU (bf16 autocast on a CPU measures nothing "
-              "useful)", flush=True)
+    if not torch.cuda.is_available() and size["precision"] != "no" and a.precision is None:
+        print(f"note: no GPU; --size {a.size} runs in fp32 on the CPU (pass --precision bf16 to force CPU "
+              "autocast)", flush=True)
         size["precision"] = "no"
     size["warmup"] = max(1, size["warmup"])
     print(machine_summary())

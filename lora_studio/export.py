@@ -313,8 +313,13 @@ def _save_folder(pipe, out: Path, info: dict) -> int:
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         _replace_folder(tmp, out)
-    except OSError as err:
-        raise ExportError(f"could not write {out}: {err.strerror or err}. Free some disk space or choose "
+    except Exception as err:  # safetensors raises SafetensorError, not OSError, when the disk refuses a write
+        from .fileio import is_write_failure
+
+        if not is_write_failure(err):
+            raise
+        why = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise ExportError(f"could not write {out}: {why}. Free some disk space or choose "
                           "another folder; nothing was overwritten.") from err
     finally:
         if tmp.exists():

@@ -118,7 +118,7 @@ def _check_entry(p: Path, name: str, info: object, data_len: int) -> tuple[int, 
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise _corrupt(p, f"tensor entry {name!r} is malformed (it needs dtype, shape and data_offsets)")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise _corrupt(p, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(sorted(SAFETENSORS_DTYPES))})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):

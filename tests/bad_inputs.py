@@ -3,14 +3,15 @@
 Used by tests/test_bad_*.py, test_pickles.py and test_fuzz_reader.py. Every case is paired with the words its
 error message must contain, so a test checks that the message says *what* is wrong, not only that it raised.
 
-Counts (kept in step with the tests; see the README section "Bad inputs and faults"):
-    inputs tried:   40 hand-made bad inputs (18 safetensors x 6 readers, 9 LoRA contents, 4 pickle cases,
-                    11 images/captions + 2 folders, 9 configs) + 400 hypothesis examples (200 random byte
-                    strings-or-mutations x read_lora and inspect_lora)
-    faults injected: 13 (StopFlag at 3 seeded steps, SIGINT, SIGTERM, ENOSPC midway through a LoRA save,
-                    a state save, a single-file export and a diffusers-folder export, a file used as a
-                    folder for each of the three, torch.OutOfMemoryError in a step)
-    failures found and fixed: 6 (listed in the README section)
+Counts (kept in step with the tests and the README section "Bad inputs and faults"):
+    inputs tried:    73 hand-made bad inputs (20 safetensors, 13 LoRA contents + 5 family/NaN/overflow cases,
+                     5 pickles, 13 pictures/captions/folders, 17 configs/presets/CLI settings incl. rank too large)
+                     in 257 (input, reader) checks, plus 200 hypothesis inputs x 2 readers (read_lora, inspect_lora)
+    faults injected: 16 (StopFlag at 3 seeded steps, SIGINT, SIGTERM; ENOSPC half-way through a LoRA save, a
+                     state save and a single-file export; a real EFBIG (RLIMIT_FSIZE) in safetensors, torch.save
+                     and a diffusers-folder export; a file in the way of the run folder, the state folder, an
+                     atomic write and an export; torch.OutOfMemoryError in a step)
+    failures found and fixed: 17 (listed in the README section)
 
 Safetensors files are written byte by byte here (not with the safetensors library) so that a header can say
 exactly the wrong thing. Layout: 8-byte little-endian header length, the JSON header, then the data.
@@ -287,6 +288,25 @@ def one_dim_factor(folder: Path) -> Path:
     return lora_file(folder, "flat.safetensors", t)
 
 
+def scalar_factor(folder: Path) -> Path:
+    """lora_down stored as a 0-D scalar (before the fix: IndexError in the reader)."""
+    t = lora_pair()
+    t[f"{MODULE}.lora_down.weight"] = torch.tensor(0.5)
+    return lora_file(folder, "scalar.safetensors", t)
+
+
+def empty_alpha(folder: Path) -> Path:
+    t = lora_pair()
+    t[f"{MODULE}.alpha"] = torch.zeros(0)
+    return lora_file(folder, "emptyalpha.safetensors", t)
+
+
+def nan_alpha(folder: Path) -> Path:
+    t = lora_pair()
+    t[f"{MODULE}.alpha"] = torch.tensor(float("nan"))
+    return lora_file(folder, "nanalpha.safetensors", t)
+
+
 # name -> (builder, message words); all must be refused by read_lora or by LoraMixer.add on the demo model
 LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]] = {
     "unknown_scheme": (unknown_scheme, (("known lora scheme",), ("encoder.layer1",))),
@@ -299,6 +319,9 @@ LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]
     "loha_inner_mismatch": (loha_inner_mismatch, (("hada_w1",),)),
     "lokr_rank_zero": (lokr_rank_zero, (("rank 0",),)),
     "one_dim_factor": (one_dim_factor, (("lora_down",), ("2 dimensions", "dimension"))),
+    "scalar_factor": (scalar_factor, (("lora_down",), ("2 dimensions",))),
+    "empty_alpha": (empty_alpha, (("alpha",), ("finite number",))),
+    "nan_alpha": (nan_alpha, (("alpha",), ("finite number",))),
 }
 
 

@@ -21,5 +21,9 @@ def sample_grid(pipe, out: str | Path, steps: int = 20, seeds: tuple[int, ...] =
         rows.append(row)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(rows, DEMO_PROMPTS, [f"seed {s}" for s in seeds], scale=2).save(out)
+    from .fileio import atomic_path
+
+    with atomic_path(out) as tmp:  # the .part name hides the format from PIL: name it
+        labelled_grid(rows, DEMO_PROMPTS, [f"seed {s}" for s in seeds], scale=2).save(
+            tmp, format="JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else "PNG")
     return out

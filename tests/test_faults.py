@@ -337,3 +337,23 @@ def test_gui_binds_localhost_unless_told_and_warns_without_auth(monkeypatch, tmp
     # the served folders are only outputs/ and what was named at launch
     roots = [Path(p) for p in launched[-1]["allowed_paths"]]
     assert Path(out).resolve() in roots and Path("/") not in roots and Path.home() not in roots
+
+
+def test_demo_sample_grid_is_written_atomically(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from lora_studio.demo_render import sample_grid
+
+    out = tmp_path / "samples.png"
+    out.write_bytes(b"earlier grid")
+    real_save = Image.Image.save
+
+    def half_then_enospc(self, fp, *a, **kw):
+        real_save(self, fp, *a, **kw)
+        Path(fp).write_bytes(Path(fp).read_bytes()[:50])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", half_then_enospc)
+    with pytest.raises(ExportError):
+        sample_grid(random_demo_pipeline(), out, steps=1, seeds=(0,))
+    assert out.read_bytes() == b"earlier grid" and [p.name for p in tmp_path.iterdir()] == ["samples.png"]

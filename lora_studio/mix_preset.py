@@ -142,6 +142,8 @@ def load_mix_preset(name_or_path: str | os.PathLike) -> tuple[MixPreset, Path]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read mix preset {p}: {err.strerror or err}.") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"mix preset {p} is not UTF-8 text ({err}). Save it as UTF-8 and try again.") from err
     except json.JSONDecodeError as err:
         raise ConfigError(f"{p} is not valid JSON: {err}. Fix the file.") from err
     return preset_from_dict(data, str(p)), p

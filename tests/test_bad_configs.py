@@ -78,3 +78,21 @@ def test_rank_larger_than_the_layer_is_refused_before_training(tmp_path, demo_da
     after = pipe.unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_bad_mix_presets(tmp_path):
+    from lora_studio.mix_preset import load_mix_preset
+
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"loras": [], "prompt": "caf\xe9"}'.encode("cp1252"))
+    with pytest.raises(ConfigError) as info:
+        load_mix_preset(str(latin))
+    B.assert_helpful(info.value, (("utf-8",),), latin)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"loras": [], "zzz": 1}')
+    with pytest.raises(ConfigError, match="'zzz'"):
+        load_mix_preset(str(unknown))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"loras": [{"file": "a.safetensors", "strength": "strong"}]}')
+    with pytest.raises(ConfigError, match="strength"):
+        load_mix_preset(str(wrong))

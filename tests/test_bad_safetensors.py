@@ -87,3 +87,21 @@ def test_header_reader_agrees_with_the_safetensors_library(tmp_path):
         path = build(folder)
         with pytest.raises(Exception):
             load_file(str(path))
+
+
+def test_library_lists_every_broken_file_with_its_reason(tmp_path):
+    """The LoRA folder browser keeps going past broken files (and pickles): each is listed with an error."""
+    from lora_studio.library import scan_library
+
+    for name, (build, _) in B.SAFETENSORS_CASES.items():
+        if name not in ("directory", "missing"):
+            folder = tmp_path / name
+            folder.mkdir()
+            build(folder)
+            for helper in folder.glob("whole.safetensors"):  # the valid file some builders cut from
+                helper.unlink()
+    B.malicious_pickle(tmp_path, ".ckpt", tmp_path / "code-ran.txt")
+    items = scan_library(tmp_path)
+    assert len(items) == len(B.SAFETENSORS_CASES) - 2 + 1  # + the pickle
+    assert all(item.error for item in items), [i.name for i in items if not i.error]
+    assert not (tmp_path / "code-ran.txt").exists()

@@ -49,6 +49,8 @@ def test_print_config_and_missing_data(capsys):
     assert json.loads(capsys.readouterr().out)["resolution"] == 64
     assert main(["train", "--preset", "demo-cpu"]) == 2
     assert "--data" in capsys.readouterr().err
+    assert main(["train", "--preset", "demo-cpu", "--data", "d", "--threads", "0"]) == 2
+    assert "--threads 0" in capsys.readouterr().err
 
 
 def _read_until(proc, pattern: str, timeout: float = 240) -> str:

@@ -55,6 +55,8 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other TrainConfig setting; VALUE is JSON (e.g. --set min_snr_gamma=5 "
                         "--set 'target_modules=[\"to_q\",\"to_v\"]')")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is often fastest for small models on a "
+                                                "busy machine)")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     p.set_defaults(func=run)
 
@@ -94,6 +96,12 @@ def run(args) -> int:
         raise ConfigError("no training folder: pass --data DIR (a folder of images with .txt captions).")
     from ..train.trainer import TrainCallbacks, train
 
+    if args.threads:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be 1 or more.")
+        import torch
+
+        torch.set_num_threads(args.threads)
     stop = StopFlag()
     got: list[int] = []
 

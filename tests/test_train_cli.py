@@ -30,7 +30,7 @@ def test_preset_flags_and_set_build_one_config():
                              "--set", "min_snr_gamma=5", "--set", 'target_modules=["to_q","to_v"]',
                              "--set", "lr_scheduler=cosine"))
     assert (cfg.data_dir, cfg.steps, cfg.learning_rate, cfg.trigger_word) == ("d", 7, 0.01, "sks")
-    assert cfg.resolution == 64 and cfg.rank == 4                       # from the preset
+    assert cfg.resolution == 64 and cfg.rank == 8                       # from the preset
     assert cfg.sample_prompts == ["a red circle"] and cfg.train_text_encoder and cfg.resume is True
     assert cfg.min_snr_gamma == 5.0 and cfg.target_modules == ["to_q", "to_v"] and cfg.lr_scheduler == "cosine"
     assert build_config(_args("--resume", "runs/x/state")).resume == "runs/x/state"

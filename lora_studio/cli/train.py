@@ -96,7 +96,7 @@ def run(args) -> int:
         raise ConfigError("no training folder: pass --data DIR (a folder of images with .txt captions).")
     from ..train.trainer import TrainCallbacks, train
 
-    if args.threads:
+    if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} must be 1 or more.")
         import torch

@@ -161,7 +161,11 @@ def find_state(resume: bool | str, run_dir: Path) -> Path:
     for candidate in (where, where / "state"):
         latest = candidate / "latest.json"
         if latest.is_file():
-            return candidate / json.loads(latest.read_text(encoding="utf-8"))["dir"]
+            try:
+                return candidate / str(json.loads(latest.read_text(encoding="utf-8"))["dir"])
+            except (ValueError, KeyError, TypeError) as err:  # bad UTF-8 or JSON is a ValueError
+                raise TrainingError(f"{latest} is damaged ({err!r}). Resume from one of its state folders "
+                                    f"(--resume {candidate}/step-NNNNNN), or start without --resume.") from err
     if (where / "trainer.json").is_file():
         return where
     raise TrainingError(f"nothing to resume in {where}: no saved training state (state/latest.json) was found. "
@@ -175,7 +179,12 @@ def load_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         torch_state = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise TrainingError(f"training state {state_dir} is damaged ({err}). Resume from another state folder.") from err
-    info = json.loads((state_dir / "trainer.json").read_text(encoding="utf-8"))
+    try:
+        info = json.loads((state_dir / "trainer.json").read_text(encoding="utf-8"))
+        info["step"], info["losses"], info["lrs"] = int(info["step"]), list(info["losses"]), list(info["lrs"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TrainingError(f"training state {state_dir} is damaged (trainer.json: {err!r}). "
+                            "Resume from another state folder.") from err
     return adapter, torch_state, info
 
 

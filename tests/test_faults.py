@@ -357,3 +357,35 @@ def test_demo_sample_grid_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(ExportError):
         sample_grid(random_demo_pipeline(), out, steps=1, seeds=(0,))
     assert out.read_bytes() == b"earlier grid" and [p.name for p in tmp_path.iterdir()] == ["samples.png"]
+
+
+def test_damaged_training_state_is_a_clear_error(data, tmp_path):
+    """A state damaged after a crash or by hand: resuming says which file is damaged; nothing else is raised."""
+    cfg = _cfg(data, tmp_path, steps=3)
+    stop = StopFlag()
+    train(cfg, stop=stop, callbacks=TrainCallbacks(on_step=lambda s, l: stop.request()), pipeline=random_demo_pipeline())
+    state = tmp_path / "run" / "state"
+    good = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    step = next(state.glob("step-*"))
+    cases = {
+        "latest.json": (state / "latest.json", b"{not json"),
+        "latest.json ": (state / "latest.json", b'{"step": 1}'),
+        "step-999999": (state / "latest.json", b'{"dir": "step-999999"}'),
+        "trainer.json": (step / "trainer.json", b"\xff\xfe garbage"),
+        "trainer.json ": (step / "trainer.json", b'{"config": {}}'),
+        "trainer.pt": (step / "trainer.pt", good[step / "trainer.pt"][:100]),
+        "adapter.safetensors": (step / "adapter.safetensors", good[step / "adapter.safetensors"][:100]),
+        "adapter.safetensors ": (step / "adapter.safetensors", None),
+    }
+    pipe = random_demo_pipeline()
+    for named, (path, content) in cases.items():
+        for p, b in good.items():
+            p.write_bytes(b)
+        if content is None:
+            path.unlink()
+        else:
+            path.write_bytes(content)
+        with pytest.raises(LoraStudioError) as info:
+            train(cfg.replace(resume=True), pipeline=pipe)
+        assert named.strip() in str(info.value) or step.name in str(info.value), str(info.value)
+        B.assert_helpful(info.value)

@@ -11,6 +11,7 @@ from torch import nn
 from lora_studio.errors import ConfigError
 from lora_studio.train.adapters import ADAPTER, inject_lora, remove_lora, to_kohya_modules
 from lora_studio.train.config import TrainConfig
+from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 
 class Tiny(nn.Module):

@@ -9,6 +9,7 @@ import lora_studio.train.cache as cache_mod
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
 from lora_studio.train.cache import LatentCache, TextCache, encode_prompts
 from lora_studio.train.dataset import BucketBatches, scan_images
+from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

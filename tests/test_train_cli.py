@@ -77,7 +77,7 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     random_demo_pipeline().save_pretrained(base)
     data = make_demo_dataset(tmp_path / "data", count=2, repeats=1)
     common = ["--preset", "demo-cpu", "--data", str(data), "--base", str(base), "--output-dir", str(tmp_path / "out"),
-              "--run-name", "r", "--batch-size", "1"]
+              "--run-name", "r", "--batch-size", "1", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "lora_studio", "train", *common, "--steps", "400"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

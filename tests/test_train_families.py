@@ -16,6 +16,7 @@ from lora_studio.train.conditioning import sdxl_time_ids
 from lora_studio.train.dataset import ImageItem
 from lora_studio.train.trainer import train
 from tiny_families import tiny_pipeline
+from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

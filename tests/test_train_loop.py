@@ -18,6 +18,7 @@ from lora_studio.lora.keys import kohya_module_name
 from lora_studio.progress import StopFlag
 from lora_studio.train.config import TrainConfig
 from lora_studio.train.trainer import TrainCallbacks, train
+from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from lora_studio.mix import LoraMixer
 from lora_studio.train.config import load_preset
 from lora_studio.train.images import load_image
 from lora_studio.train.trainer import train
+from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 PROMPTS = ("a red circle", "a blue square", "a green triangle")
 SEEDS = (0, 1)
@@ -39,16 +40,6 @@ def render(pipe) -> list[np.ndarray]:
             out.append(pipe(prompt, num_inference_steps=12, guidance_scale=4.0, generator=gen, height=64, width=64,
                             output_type="np").images[0])
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process oversubscribe the cores and made
-    this module ~10x slower (measured: 3.1 vs 0.01 steps/s under load); on an idle machine it costs little."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

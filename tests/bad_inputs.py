@@ -4,14 +4,15 @@ Used by tests/test_bad_*.py, test_pickles.py and test_fuzz_reader.py. Every case
 error message must contain, so a test checks that the message says *what* is wrong, not only that it raised.
 
 Counts (kept in step with the tests and the README section "Bad inputs and faults"):
-    inputs tried:    73 hand-made bad inputs (20 safetensors, 13 LoRA contents + 5 family/NaN/overflow cases,
-                     5 pickles, 13 pictures/captions/folders, 17 configs/presets/CLI settings incl. rank too large)
-                     in 257 (input, reader) checks, plus 200 hypothesis inputs x 2 readers (read_lora, inspect_lora)
-    faults injected: 16 (StopFlag at 3 seeded steps, SIGINT, SIGTERM; ENOSPC half-way through a LoRA save, a
-                     state save and a single-file export; a real EFBIG (RLIMIT_FSIZE) in safetensors, torch.save
-                     and a diffusers-folder export; a file in the way of the run folder, the state folder, an
-                     atomic write and an export; torch.OutOfMemoryError in a step)
-    failures found and fixed: 17 (listed in the README section)
+    inputs tried:    84 hand-made bad inputs (20 safetensors, 13 LoRA contents + 5 family/NaN/overflow cases,
+                     5 pickles, 13 pictures/captions/folders, 20 configs/presets/CLI settings incl. rank too
+                     large and 3 mix presets, 8 damaged training states) in 287 (input, reader) checks, plus
+                     200 hypothesis inputs x 2 readers (read_lora, inspect_lora)
+    faults injected: 17 (StopFlag at 3 seeded steps, SIGINT, SIGTERM; ENOSPC half-way through a LoRA save, a
+                     state save, a single-file export and the demo sample grid; a real EFBIG (RLIMIT_FSIZE) in
+                     safetensors, torch.save and a diffusers-folder export; a file in the way of the run folder,
+                     the state folder, an atomic write and an export; torch.OutOfMemoryError in a step)
+    failures found and fixed: 20 (listed in the README section)
 
 Safetensors files are written byte by byte here (not with the safetensors library) so that a header can say
 exactly the wrong thing. Layout: 8-byte little-endian header length, the JSON header, then the data.

@@ -199,3 +199,21 @@ def test_optional_optimizers_are_used_when_installed_else_named(name, module, cl
     else:
         assert type(trainer_mod._make_optimizer(cfg, groups)).__name__ == cls
     assert isinstance(trainer_mod._make_optimizer(TrainConfig(), groups), torch.optim.AdamW)
+
+
+def test_own_pipeline_in_bf16_trains_fp32_lora_weights(tiny_data, tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    random_demo_pipeline().save_pretrained(base)
+    loaded = []
+    real = trainer_mod.load_base
+    monkeypatch.setattr(trainer_mod, "load_base", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    res = train(_cfg(tiny_data, tmp_path, base=str(base), steps=2, mixed_precision="bf16", train_text_encoder=True,
+                     sample_every_n_steps=2, sample_prompts=["a red circle"], sample_steps=2))
+    assert all(torch.isfinite(torch.tensor(res.losses))) and res.samples[0].exists()
+    tensors, _ = load_safetensors(res.lora_path)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert any(t.abs().max() > 0 for t in ups)       # fp32 LoRA weights moved (bf16 would round tiny updates away)
+    pipe = loaded[0]                                  # the frozen weights were held in bf16, the VAE in fp32
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32

@@ -133,9 +133,16 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
 
     sdxl = family is Family.SDXL
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    # A pipeline loaded here keeps its frozen UNet and text-encoder weights in the mixed-precision dtype (half the
+    # memory, as diffusers' LoRA scripts do) while the LoRA weights stay fp32; the VAE stays fp32 (SDXL's overflows
+    # in fp16). A pipeline passed in keeps its dtype, so its weights come back exactly as they were.
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
     for m in (pipe.unet, pipe.vae, *encoders):
         m.requires_grad_(False)
-        m.to(device)
+        if half is not None and pipeline is None and m is not pipe.vae:
+            m.to(device, dtype=half)
+        else:
+            m.to(device)
     torch.manual_seed(cfg.seed)
     injected: list[InjectedLora] = []
     try:
@@ -144,6 +151,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
             prefixes = [TE1_PREFIX, TE2_PREFIX] if sdxl else [TE_PREFIX]
             for te, prefix in zip(encoders, prefixes):
                 injected.append(inject_lora(te, cfg, cfg.text_encoder_target_modules, prefix))
+        for p in (p for inj in injected for p in inj.parameters()):
+            p.data = p.data.float()
         return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks)
     except torch.OutOfMemoryError as err:
         raise TrainingError(f"out of GPU memory at batch_size {cfg.batch_size}, resolution {cfg.resolution}: "
@@ -292,7 +301,8 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and cfg.sample_prompts:
             for m in (unet_p, *tes_p):
                 m.eval()
-            grid = writer.sample(pipe, step)
+            with accelerator.autocast():
+                grid = writer.sample(pipe, step)
             for m in (unet_p, *tes_p):
                 m.train()
             if callbacks.on_sample:

@@ -15,7 +15,8 @@ from ..jobs import JobSnapshot
 from ..train.config import CHOICES, DEFAULT_UNET_TARGETS, TrainConfig, list_presets, load_preset
 from .state import AppContext, named_handler, user_errors
 
-TARGET_CHOICES = list(DEFAULT_UNET_TARGETS) + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+# Attention projections, the transformer's other linears, and the ResNet convs (LoCon-style training).
+TARGET_CHOICES = list(DEFAULT_UNET_TARGETS) + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 DEFAULT_PRESET = "demo-cpu"
 POLL_SECONDS = 1.0
 
@@ -28,6 +29,11 @@ _INT_FIELDS = {"rank", "steps", "resolution", "batch_size", "sample_every_n_step
 
 def training_presets() -> list[str]:
     return [p for p in list_presets() if not p.startswith("mix")]
+
+
+def _target_choices(targets) -> list[str]:
+    """The usual choices plus whatever a preset names, so any preset can be shown and sent back."""
+    return list(dict.fromkeys([*TARGET_CHOICES, *targets]))
 
 
 def _knob_components(cfg: TrainConfig) -> dict[str, gr.components.Component]:
@@ -45,7 +51,7 @@ def _knob_components(cfg: TrainConfig) -> dict[str, gr.components.Component]:
         k["save_precision"] = gr.Dropdown(list(CHOICES["save_precision"]), value=cfg.save_precision,
                                           label="Save precision")
     with gr.Row():
-        k["target_modules"] = gr.CheckboxGroup(TARGET_CHOICES, value=list(cfg.target_modules),
+        k["target_modules"] = gr.CheckboxGroup(_target_choices(cfg.target_modules), value=list(cfg.target_modules),
                                                label="UNet layers to train")
         k["train_text_encoder"] = gr.Checkbox(cfg.train_text_encoder, label="Train the text encoder too")
     with gr.Row():
@@ -167,7 +173,8 @@ def build_train_tab(ctx: AppContext) -> None:
     @user_errors
     def on_preset(name):
         cfg = load_preset(name)
-        return [getattr(cfg, f) for f in KNOB_FIELDS]
+        return [gr.update(choices=_target_choices(cfg.target_modules), value=list(cfg.target_modules))
+                if f == "target_modules" else getattr(cfg, f) for f in KNOB_FIELDS]
 
     def start(values):
         """Start training in the background; the page follows the job through the timer."""

@@ -60,20 +60,21 @@ class StopFlag:
 def text_progress(stream: TextIO | None = None, width: int = 30) -> ProgressCallback:
     """A progress callback that draws a one-line text bar with rate and ETA (for the CLI)."""
     out = stream or sys.stderr
-    started: dict[str, float] = {}
+    started: dict[str, tuple[float, int]] = {}  # stage -> (time, units done) at its first event
 
     def show(ev: ProgressEvent) -> None:
-        t0 = started.setdefault(ev.stage, time.monotonic())
-        elapsed = max(time.monotonic() - t0, 1e-9)
+        t0, c0 = started.setdefault(ev.stage, (time.monotonic(), ev.current))
+        elapsed = time.monotonic() - t0
         frac = ev.fraction
         if frac is None:
             line = f"{ev.stage}: {ev.current} {ev.message}"
         else:
             filled = int(frac * width)
-            rate = ev.current / elapsed
-            eta = (ev.total - ev.current) / rate if rate > 0 and ev.total else 0.0
+            # the rate counts only units done since the first event, so a late start shows no absurd rate
+            rate = (ev.current - c0) / elapsed if elapsed > 0 and ev.current > c0 else 0.0
+            speed = f"{rate:.2f}/s eta {(ev.total - ev.current) / rate:.0f}s" if rate > 0 else "-/s eta ?"
             line = (f"{ev.stage} [{'#' * filled}{'.' * (width - filled)}] {ev.current}/{ev.total} "
-                    f"{rate:.2f}/s eta {eta:.0f}s {ev.message}")
+                    f"{speed} {ev.message}")
         end = "\n" if (ev.total is not None and ev.current >= ev.total) else "\r"
         out.write(line[:160].ljust(80) + end)
         out.flush()

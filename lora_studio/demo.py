@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .demo_shapes import WORDS, ShapeSpec, draw_shape, draw_striped, random_spec
+from .fileio import atomic_dir
 from .progress import ProgressCallback, report
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -269,9 +270,10 @@ def build_demo_model(out_dir: str | Path = DEMO_MODEL_DIR, cfg: DemoBuildConfig 
     """Build the demo model and save it as a diffusers folder (safetensors)."""
     out = Path(out_dir)
     pipe = build_demo_pipeline(cfg, progress)
-    pipe.save_pretrained(out, safe_serialization=True)
-    (out / "BUILD.json").write_text(json.dumps({"builder": "lora_studio.demo.build_demo_model",
-                                                 "config": vars(cfg or DemoBuildConfig())}, indent=2))
+    with atomic_dir(out) as tmp:  # an interrupted build never leaves a folder that looks finished
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "BUILD.json").write_text(json.dumps({"builder": "lora_studio.demo.build_demo_model",
+                                                     "config": vars(cfg or DemoBuildConfig())}, indent=2))
     return out
 
 

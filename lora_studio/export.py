@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from .errors import ConfigError, ExportError, InputFileError, StopRequested
 from .export_lora import ResizeReport, extract_lora, file_sha256, merge_loras, parse_dtype, resize_lora
 from .family import Family, family_of_pipeline
+from .fileio import atomic_dir, read_safetensors_header, save_safetensors_atomic
 from .progress import ProgressCallback, StopFlag, report
 
 __all__ = ["ExportResult", "ResizeReport", "export_merged_checkpoint", "merge_into_pipeline", "merge_loras",
@@ -174,7 +173,6 @@ def _check_finite(tensors, where: str) -> None:
 def _base_metadata(source: Path | None) -> dict[str, str]:
     if source is None or source.suffix.lower() != ".safetensors" or not source.is_file():
         return {}
-    from .fileio import read_safetensors_header
 
     return read_safetensors_header(source)[1]
 
@@ -199,24 +197,6 @@ def checkpoint_metadata(base_meta: dict[str, str], family: Family, title: str, r
     return meta
 
 
-def _replace_folder(tmp: Path, final: Path) -> None:
-    """Move a finished folder onto ``final``; an existing folder is moved aside first and restored on failure."""
-    backup = None
-    if final.exists():
-        if not final.is_dir():
-            raise ExportError(f"{final} exists and is not a folder; choose another --out for a diffusers export.")
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if backup is not None:
-            os.replace(backup, final)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                              fmt: str = "single_file", dtype: str = "fp16", config_dir: str | None = None,
                              progress: ProgressCallback | None = None, stop: StopFlag | None = None) -> ExportResult:
@@ -231,7 +211,6 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
     ``.safetensors``) or "diffusers" (a ``save_pretrained`` folder, which needs a base path). Writes are atomic:
     a failure or a ``stop`` request leaves no file under ``out`` and an earlier file there untouched.
     """
-    from .fileio import save_safetensors_atomic
     from .ldm import pipeline_to_ldm_state_dict
 
     if fmt not in FORMATS:
@@ -299,29 +278,7 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
 
 
 def _save_folder(pipe, out: Path, info: dict) -> int:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    except OSError as err:
-        raise ExportError(f"cannot write into {out.parent}: {err.strerror or err}. "
-                          "Choose a folder you can write to.") from err
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-        _replace_folder(tmp, out)
-    except Exception as err:  # safetensors raises SafetensorError, not OSError, when the disk refuses a write
-        from .fileio import is_write_failure
-
-        if not is_write_failure(err):
-            raise
-        why = err.strerror if isinstance(err, OSError) and err.strerror else err
-        raise ExportError(f"could not write {out}: {why}. Free some disk space or choose "
-                          "another folder; nothing was overwritten.") from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return size
+        return sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import re
 import struct
 import tempfile
@@ -47,13 +48,19 @@ def is_write_failure(err: BaseException) -> bool:
     return False
 
 
-def _write_error(final: Path, err: BaseException) -> ExportError:
-    if final.is_dir():
+def _write_error(final: Path, err: BaseException, folder: bool = False) -> ExportError:
+    if final.is_dir() and not folder:
         return ExportError(f"could not write {final}: a folder of that name is in the way. "
                            "Choose another file name, or move that folder.")
     why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
     return ExportError(f"could not write {final}: {why}. Free some disk space or choose another folder; "
                        "nothing was overwritten.")
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -74,6 +81,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file owner-only (0600); give it the mode a plain open() would, so another user's
+        # A1111 or ComfyUI can read what we export.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, final)
     except Exception as err:
         if is_write_failure(err):
@@ -82,6 +92,47 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Like ``atomic_path`` for a folder (a diffusers model): fill the yielded temporary folder; on success it
+    replaces ``final`` (an existing folder is moved aside first and put back if the swap fails)."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ExportError(f"{final} exists and is not a folder; choose another name for the folder.")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    except OSError as err:
+        raise ExportError(f"cannot write into {final.parent}: {err.strerror or err}. "
+                          "Choose a folder you can write to.") from err
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        yield tmp
+        _replace_folder(tmp, final)
+    except Exception as err:
+        if is_write_failure(err):
+            raise _write_error(final, err, folder=True) from err
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if backup is not None:
+            os.replace(backup, final)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

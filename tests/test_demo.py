@@ -110,3 +110,39 @@ def test_demo_dataset_is_a_kohya_folder_with_captions(tmp_path):
 def test_striped_style_is_what_the_dataset_draws():
     img = np.asarray(draw_striped(CENTRE, 64).convert("L"), dtype=np.float32)
     assert img[0:8].mean() < 30
+
+
+def test_demo_build_writes_its_folder_atomically(tmp_path, monkeypatch):
+    """A build that fails while saving leaves no folder that ensure_demo_model would take for a finished model."""
+    cfg = demo.DemoBuildConfig(vae_steps=1, unet_steps=1, pool_size=8, batch_size=2)
+    out = tmp_path / "model"
+    built = demo.build_demo_model(out, cfg)
+    assert (built / "model_index.json").is_file() and (built / "BUILD.json").is_file()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    from diffusers import StableDiffusionPipeline
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", disk_full)
+    from lora_studio.errors import ExportError
+
+    with pytest.raises(ExportError, match="No space left"):
+        demo.build_demo_model(out, cfg)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before   # the earlier build is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]                # no half-written folder beside it
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from lora_studio.fileio import atomic_dir, write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "x")
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "f").write_text("y")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask    # not mkstemp's owner-only 0600
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~mask

@@ -27,6 +27,7 @@ from lora_studio.errors import ExportError, LoraStudioError, TrainingError
 from lora_studio.progress import StopFlag
 from lora_studio.train.config import TrainConfig
 from lora_studio.train.trainer import TrainCallbacks, train
+from train_threads import one_torch_thread  # noqa: F401  (autouse: the CLI subprocess below runs one thread too)
 
 REPO = Path(__file__).resolve().parents[1]
 

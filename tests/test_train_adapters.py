@@ -75,6 +75,7 @@ def test_export_equals_effective_change_and_removal_restores_base(init, rslora):
     _check_export_matches_model(model, inj, originals)          # after "training"
     remove_lora(inj)
     assert isinstance(model.attn.to_q, nn.Linear) and type(model.attn.to_out[0]) is nn.Linear
+    assert not hasattr(model, "peft_config")                     # a later run injects without peft's warning
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

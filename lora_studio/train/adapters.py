@@ -120,6 +120,10 @@ def remove_lora(inj: InjectedLora) -> None:
         parent = inj.model.get_submodule(parent_name) if parent_name else inj.model
         setattr(parent, child, base)
     inj.layers.clear()
+    # inject_adapter_in_model leaves its config on the model; without it the next run's injection warns
+    # "Already found a peft_config attribute" and the model no longer looks like the base it is again.
+    if hasattr(inj.model, "peft_config"):
+        del inj.model.peft_config
 
 
 def count_parameters(model: nn.Module) -> int:

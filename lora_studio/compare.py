@@ -72,9 +72,7 @@ class _MixState:
         for entry in self.mixer.entries:
             if entry.name in self.saved:
                 unet, te = self.saved[entry.name]
-                self.mixer.set_strength(entry.name, unet=unet, te=unet if te is None else te)
-                if te is None:  # set_strength has no way to say "follow the UNet strength" again
-                    entry.te_strength = None
+                self.mixer.set_strength(entry.name, unet=unet, te=te, te_follows_unet=te is None)
         self.mixer.restore()
 
 

@@ -148,13 +148,21 @@ class LoraMixer:
         return unique
 
     def set_strength(self, name: str, unet: float | None = None, te: float | None = None,
-                     blocks: dict[str, float] | None = None) -> None:
-        """Change a LoRA's UNet strength, text-encoder strength and/or block weights (call ``apply()`` after)."""
+                     blocks: dict[str, float] | None = None, *, te_follows_unet: bool = False) -> None:
+        """Change a LoRA's UNet strength, text-encoder strength and/or block weights (call ``apply()`` after).
+
+        ``None`` leaves a value as it is; ``te_follows_unet=True`` makes the text-encoder strength follow the
+        UNet strength again (as when the LoRA was added without ``te_strength``).
+        """
         e = self._get(name)
+        if te_follows_unet and te is not None:
+            raise ConfigError(f"{name}: give te={te} or te_follows_unet=True, not both.")
         if unet is not None:
             e.strength = float(unet)
         if te is not None:
             e.te_strength = float(te)
+        elif te_follows_unet:
+            e.te_strength = None
         if blocks is not None:
             e.block_weights = self._check_blocks(blocks)
 

@@ -100,9 +100,8 @@ class MixSession:
                                                       block_weights=slot.blocks)
                     self.reads += 1
                 else:
-                    self.mixer.set_strength(self._names[key], unet=slot.strength, blocks=slot.blocks)
-                    entry = {e.name: e for e in self.mixer.entries}[self._names[key]]
-                    entry.te_strength = None if slot.te_strength is None else float(slot.te_strength)
+                    self.mixer.set_strength(self._names[key], unet=slot.strength, te=slot.te_strength,
+                                            blocks=slot.blocks, te_follows_unet=slot.te_strength is None)
                 te = slot.strength if slot.te_strength is None else slot.te_strength
                 picked.append((self._names[key], float(slot.strength), float(te)))
             return picked

@@ -126,6 +126,16 @@ def test_te_strength_and_block_weights(tmp_path, pipe):
     assert all(torch.equal(te[k], v) for k, v in params(base).items() if k.startswith("text_encoder."))
     with pytest.raises(ConfigError, match="down.7"):
         mixer.set_strength(mixer.entries[0].name, blocks={"down.7": 1.0})
+    # the text encoder can be made to follow the UNet strength again
+    name = mixer.entries[0].name
+    mixer.set_strength(name, unet=0.7, te_follows_unet=True)
+    assert mixer.entries[0].te_strength is None and mixer.entries[0].effective_te_strength == 0.7
+    mixer.apply()
+    te_module = "encoder.layers.1.self_attn.q_proj"
+    got = pipe.text_encoder.get_submodule(te_module).weight.double()
+    assert torch.allclose(got, formula_weight(base, file, 0.7, "text_encoder", te_module), atol=1e-6)
+    with pytest.raises(ConfigError, match="not both"):
+        mixer.set_strength(name, te=0.2, te_follows_unet=True)
 
 
 def test_unmatched_keys_are_reported_never_dropped(tmp_path, pipe):

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputFileError, LoraStudioError
+from .fileio import PICKLE_SUFFIXES as _PICKLES
 from .progress import ProgressCallback, report
 
 LORA_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")   # listed with an error: we never unpickle while browsing
+PICKLE_SUFFIXES = tuple(sorted(_PICKLES))   # listed with an error: we never unpickle while browsing
 
 
 @dataclass

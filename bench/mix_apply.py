@@ -174,7 +174,9 @@ def diffusers_once(pipe, path: Path, watcher: OpenWatcher, adapter: str) -> dict
 
 
 def render_steps(pipe, path: Path, latent: int, repeat: int) -> dict[str, float]:
-    """Median seconds of one UNet forward: bare, ours (fused into the weights), diffusers unfused / fused."""
+    """Median seconds of one UNet forward: bare, ours (fused into the weights), diffusers unfused / fused.
+
+    The four are measured in rounds (one timed forward each per round), so drift in machine load hits all alike."""
     import torch
 
     from lora_studio.mix import LoraMixer
@@ -185,24 +187,30 @@ def render_steps(pipe, path: Path, latent: int, repeat: int) -> dict[str, float]
     ctx = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen)
     t = torch.tensor([500])
 
-    def step():
+    def step() -> float:
+        """One untimed forward first: the first forward after weights change pays one-off costs (about +30%
+        for SD1.5 on the CPU here, whichever way the weights were written), which is not a per-step cost."""
         with torch.no_grad():
-            unet(x, t, encoder_hidden_states=ctx)
+            return time_call(lambda: unet(x, t, encoder_hidden_states=ctx), warmup=1)[0]
 
-    out = {"bare": median(time_call(step, repeat, warmup=1))}
+    step()  # warm-up
+    times: dict[str, list[float]] = {"bare": [], "ours (fused weights)": [], "diffusers unfused": [],
+                                     "diffusers fused": []}
     mixer = LoraMixer(pipe)
     mixer.add(path, strength=1.0)
-    mixer.apply()
-    out["ours (fused weights)"] = median(time_call(step, repeat, warmup=1))
-    mixer.restore()
-    pipe.load_lora_weights(str(path), adapter_name="render")
-    pipe.set_adapters(["render"], [1.0])
-    out["diffusers unfused"] = median(time_call(step, repeat, warmup=1))
-    pipe.fuse_lora(adapter_names=["render"])
-    out["diffusers fused"] = median(time_call(step, repeat, warmup=1))
-    pipe.unfuse_lora()
-    pipe.unload_lora_weights()
-    return out
+    for r in range(repeat):
+        times["bare"].append(step())
+        mixer.apply()
+        times["ours (fused weights)"].append(step())
+        mixer.restore()
+        pipe.load_lora_weights(str(path), adapter_name=f"render{r}")
+        pipe.set_adapters([f"render{r}"], [1.0])
+        times["diffusers unfused"].append(step())
+        pipe.fuse_lora(adapter_names=[f"render{r}"])
+        times["diffusers fused"].append(step())
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    return {k: median(v) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------- driver

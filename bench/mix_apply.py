@@ -50,7 +50,8 @@ def write_attention_lora(pipe, path: Path, rank: int, seed: int = 0, dtype=None)
     import torch
 
     from lora_studio.family import family_of_pipeline
-    from lora_studio.lora.formats import LoraModule, kohya_metadata, save_kohya_lora
+    from lora_studio.lora.formats import LoraModule
+    from lora_studio.lora.writer import kohya_metadata, save_kohya_lora
     from lora_studio.lora.keys import kohya_module_name
 
     gen = torch.Generator().manual_seed(seed)

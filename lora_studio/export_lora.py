@@ -17,7 +17,8 @@ import torch
 
 from .errors import ConfigError, ExportError, LoraFormatError
 from .family import Family, family_from_metadata
-from .lora.formats import LoraModule, kohya_metadata, save_kohya_lora
+from .lora.formats import LoraModule
+from .lora.writer import kohya_metadata, save_kohya_lora
 from .lora.rank import ResizeStat, check_method, concat_merge, resize_module, summarize, svd_merge
 from .progress import ProgressCallback, report
 

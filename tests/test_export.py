@@ -11,7 +11,8 @@ from tiny_families import tiny_config_dir, tiny_pipeline, write_ldm_checkpoint
 from lora_studio.errors import ExportError, LoraFormatError
 from lora_studio.family import Family
 from lora_studio.fileio import read_safetensors_header
-from lora_studio.lora.formats import LoraModule, save_kohya_lora
+from lora_studio.lora.formats import LoraModule
+from lora_studio.lora.writer import save_kohya_lora
 from lora_studio.lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UNET_PREFIX, kohya_module_name
 
 ATTN = ("attn1.to_q", "attn1.to_v", "attn2.to_k", "attn2.to_out.0")

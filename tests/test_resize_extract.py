@@ -93,7 +93,8 @@ def test_spectrum_plot_and_summary(tmp_path):
 def _kohya_file(pipe, path, seed: int, rank: int, alpha: float, dtype=torch.float32, meta=None, spectrum=None):
     """A kohya LoRA on the demo's attention projections + one resnet conv + a text-encoder projection.
     With ``spectrum``, every linear module's delta (scale included) has exactly those singular values."""
-    from lora_studio.lora.formats import LoraModule, save_kohya_lora
+    from lora_studio.lora.formats import LoraModule
+    from lora_studio.lora.writer import save_kohya_lora
     from lora_studio.lora.keys import TE_PREFIX, UNET_PREFIX, kohya_module_name
 
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +185,7 @@ def test_merged_lora_file_applies_like_both_loras_in_diffusers(tmp_path):
             if k in a:
                 mod.weight += (0.8 * _delta(a[k]) - 0.5 * _delta(b[k])).float()
     unet_only = {k: v for k, v in merged.modules.items() if k.startswith("lora_unet_")}
-    from lora_studio.lora.formats import save_kohya_lora
+    from lora_studio.lora.writer import save_kohya_lora
 
     save_kohya_lora(unet_only, tmp_path / "ab_unet.safetensors")
     pipe.load_lora_weights(str(tmp_path / "ab_unet.safetensors"))

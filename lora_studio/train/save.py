@@ -24,7 +24,8 @@ import torch
 from ..errors import TrainingError
 from ..family import Family
 from ..fileio import atomic_path, load_safetensors, save_safetensors_atomic, write_text_atomic
-from ..lora.formats import LoraModule, kohya_metadata, save_kohya_lora
+from ..lora.formats import LoraModule
+from ..lora.writer import kohya_metadata, save_kohya_lora
 from .config import TrainConfig
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

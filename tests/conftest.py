@@ -59,3 +59,27 @@ def real_loras() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real LoRA fixtures not found at {folder}; set LORA_STUDIO_REAL_LORAS to run the interop tests")
     return folder
+
+
+@pytest.fixture()
+def lora_reads(monkeypatch) -> dict[str, int]:
+    """Counts every LoRA file read: calls of the reader and of the safetensors loader under it (``["n"]``)."""
+    import lora_studio.fileio as fileio
+    import lora_studio.lora.formats as formats
+    import lora_studio.mix as mix
+
+    calls = {"n": 0}
+    real_read, real_load = formats.read_lora, fileio.load_file
+
+    def counting_read(*a, **k):
+        calls["n"] += 1
+        return real_read(*a, **k)
+
+    def counting_load(*a, **k):
+        calls["n"] += 1
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(formats, "read_lora", counting_read)
+    monkeypatch.setattr(mix, "read_lora", counting_read)
+    monkeypatch.setattr(fileio, "load_file", counting_load)
+    return calls

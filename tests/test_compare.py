@@ -33,30 +33,6 @@ def two_loras(tmp_path, pipe):
     return a, b
 
 
-@pytest.fixture()
-def read_counter(monkeypatch):
-    """Counts every LoRA file read (the reader and the safetensors loader under it)."""
-    import lora_studio.fileio as fileio
-    import lora_studio.lora.formats as formats
-    import lora_studio.mix as mix
-
-    calls = {"n": 0}
-    real_read, real_load = formats.read_lora, fileio.load_file
-
-    def counting_read(*a, **k):
-        calls["n"] += 1
-        return real_read(*a, **k)
-
-    def counting_load(*a, **k):
-        calls["n"] += 1
-        return real_load(*a, **k)
-
-    monkeypatch.setattr(formats, "read_lora", counting_read)
-    monkeypatch.setattr(mix, "read_lora", counting_read)
-    monkeypatch.setattr(fileio, "load_file", counting_load)
-    return calls
-
-
 def _weights(pipe) -> dict[str, torch.Tensor]:
     return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder")
             for k, v in getattr(pipe, c).state_dict().items()}
@@ -67,7 +43,7 @@ def _pixels(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def test_comparison_grid_tiles_base_each_lora_and_mix(pipe, two_loras, tmp_path, read_counter):
+def test_comparison_grid_tiles_base_each_lora_and_mix(pipe, two_loras, tmp_path, lora_reads):
     from lora_studio.mix import LoraMixer
 
     base_weights = _weights(pipe)
@@ -75,12 +51,12 @@ def test_comparison_grid_tiles_base_each_lora_and_mix(pipe, two_loras, tmp_path,
     mixer = LoraMixer(pipe)
     name_a = mixer.add(two_loras[0], strength=0.3)          # strengths in the mixer are put back afterwards
     name_b = mixer.add(two_loras[1], strength=0.7, te_strength=0.2)
-    assert read_counter["n"] == 4  # two reads through read_lora, two through the safetensors loader
+    assert lora_reads["n"] == 4  # two reads through read_lora, two through the safetensors loader
     for p in two_loras:            # any later read would now fail
         p.rename(p.with_suffix(".moved"))
 
     res = comparison_grid(pipe, mixer, PARAMS, [(name_a, 4.0), (name_b, 0.0)], tmp_path / "out")
-    assert read_counter["n"] == 4
+    assert lora_reads["n"] == 4
     assert res.labels == ["base", "alpha_style 4", "beta_style 0", "mix"]
     assert len(res.image_paths) == 4 and all(p.exists() and p.with_suffix(".json").exists() for p in res.image_paths)
     tiles = [_pixels(p) for p in res.image_paths]
@@ -114,19 +90,19 @@ def test_comparison_grid_adds_files_by_path_or_folder_name(pipe, two_loras, tmp_
         comparison_grid(pipe, mixer, PARAMS, [("gamma", 1.0)], tmp_path / "o", lora_dir=two_loras[0].parent)
 
 
-def test_xy_grid_strength_by_lora_reweights_without_reading(pipe, two_loras, tmp_path, read_counter):
+def test_xy_grid_strength_by_lora_reweights_without_reading(pipe, two_loras, tmp_path, lora_reads):
     from lora_studio.mix import LoraMixer
 
     base_weights = _weights(pipe)
     mixer = LoraMixer(pipe)
     names = [mixer.add(p, strength=1.0) for p in two_loras]
-    before = read_counter["n"]
+    before = lora_reads["n"]
     for p in two_loras:
         p.rename(p.with_suffix(".moved"))
     x = parse_axis("strength=0,3")
     y = Axis("lora", names)
     res = xy_grid(pipe, mixer, PARAMS, x, y, tmp_path / "xy")
-    assert read_counter["n"] == before
+    assert lora_reads["n"] == before
     assert len(res.image_paths) == 4 and all(p.exists() for p in res.image_paths)
     cells = [[_pixels(p) for p in res.image_paths[r * 2:(r + 1) * 2]] for r in range(2)]
     assert np.array_equal(cells[0][0], cells[1][0])          # strength 0 of either LoRA is the base

@@ -15,33 +15,15 @@ from lora_studio.render import GenParams, render
 
 
 @pytest.fixture()
-def counted(monkeypatch, tmp_path):
+def counted(lora_reads):
     """A session whose loader counts model loads, and a counter of LoRA file reads."""
-    import lora_studio.fileio as fileio
-    import lora_studio.lora.formats as formats
-    import lora_studio.mix as mix
-
-    reads = {"n": 0}
-    real_read, real_load = formats.read_lora, fileio.load_file
-
-    def counting_read(*a, **k):
-        reads["n"] += 1
-        return real_read(*a, **k)
-
-    def counting_load(*a, **k):
-        reads["n"] += 1
-        return real_load(*a, **k)
-
-    monkeypatch.setattr(formats, "read_lora", counting_read)
-    monkeypatch.setattr(mix, "read_lora", counting_read)
-    monkeypatch.setattr(fileio, "load_file", counting_load)
     loads = []
 
     def loader(base):
         loads.append(base)
         return demo_or_random_pipeline()
 
-    return MixSession(loader), loads, reads
+    return MixSession(loader), loads, lora_reads
 
 
 def _pixels(path):

@@ -6,6 +6,10 @@ The single file uses the original (ldm) layout that AUTOMATIC1111 and ComfyUI lo
 the output dtype *in place*, module by module, so the peak stays near one fp32 copy of the model; every tensor
 is checked with ``isfinite`` after conversion (fp16 overflow shows up there) before anything is written.
 
+A single-file ``.safetensors`` base exported to a single file takes the streamed path instead
+(``export_stream``): same arithmetic, same bytes, but one tensor at a time, so the peak is a fraction of the
+checkpoint's size rather than a whole fp32 model plus the file.
+
 LoRA-file operations (merge several LoRAs into one, resize, extract) live in ``export_lora`` and are re-exported
 here.
 """
@@ -236,6 +240,11 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
     if fmt == "diffusers" and not isinstance(base, (str, os.PathLike)):
         raise ConfigError("a diffusers-folder export needs the base model's path (the model is loaded afresh and "
                           "converted in place); pass the path instead of a loaded pipeline.")
+    if fmt == "single_file" and isinstance(base, (str, os.PathLike)) and Path(base).suffix.lower() == ".safetensors" \
+            and Path(base).is_file():
+        from .export_stream import stream_merged_checkpoint  # the low-memory path; see its module docstring
+
+        return stream_merged_checkpoint(Path(base), loras, out, torch_dtype, dtype, config_dir, progress, stop)
     t0 = time.monotonic()
     pipe, family, source = _load_base(base, config_dir, progress)
     owned = source is not None
@@ -252,7 +261,8 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                 _convert_in_place(pipe, torch_dtype, progress)
                 sd = pipeline_to_ldm_state_dict(pipe, family)
             else:
-                sd = {k: v.detach().to(torch_dtype) for k, v in pipeline_to_ldm_state_dict(pipe, family).items()}
+                sd = {k: v.detach().to(torch_dtype) if v.is_floating_point() else v
+                      for k, v in pipeline_to_ldm_state_dict(pipe, family).items()}
             _check_finite(sd.items(), str(out))
             _check_stop(stop, out)
             meta = checkpoint_metadata(_base_metadata(source), family, out.stem, records, dtype, base_name)

@@ -149,6 +149,71 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
         save_file(contiguous, str(tmp), metadata=meta)
 
 
+# safetensors dtype names <-> torch dtypes, for the streamed reader and writer below
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+SAFETENSORS_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def read_safetensors_tensor(fh, data_start: int, info: Mapping) -> torch.Tensor:
+    """One tensor of an open safetensors file (``fh`` in binary mode; ``data_start`` = 8 + header length) read
+    with a plain ``readinto``: unlike a memory map, the file's pages are not counted in our resident memory, so
+    a streamed pass over a checkpoint holds one tensor at a time. ``info`` is the header entry, already checked
+    by ``read_safetensors_header``."""
+    dtype = TORCH_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise InputFileError(f"tensors of dtype {info['dtype']} cannot be read tensor by tensor here.")
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
+    buf = bytearray(end - start)
+    fh.seek(data_start + start)
+    if fh.readinto(buf) != len(buf):
+        raise InputFileError(f"{getattr(fh, 'name', 'the file')} ended inside tensor data: it is truncated.")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def write_safetensors_streamed(path: str | os.PathLike, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                               tensors: Iterator[torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Write a safetensors file atomically from tensors produced one at a time, in ``layout`` order
+    (name, dtype, shape); returns the file size. Only one tensor is in memory at a time.
+
+    Written by hand: ``safetensors.torch.save_file`` needs every tensor in memory at once. The format is a
+    little-endian u64 header length, a JSON header (padded with spaces to 8 bytes, as the library does) giving
+    each tensor's dtype, shape and [start, end) byte span, then the tensors' bytes back to back. Each produced
+    tensor is checked against its declared dtype and shape before a byte of it is written.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pos = 0
+    for name, dtype, shape in layout:
+        if dtype not in SAFETENSORS_NAMES:
+            raise ExportError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors.")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)))
+            fh.write(raw)
+            count = 0
+            for (name, dtype, shape), t in zip(layout, tensors):
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ExportError(f"tensor {name!r} came out as {t.dtype} {tuple(t.shape)}, not the declared "
+                                      f"{dtype} {tuple(shape)}; nothing was written.")
+                if t.numel():
+                    fh.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                count += 1
+            if count != len(layout):
+                raise ExportError(f"only {count} of {len(layout)} tensors were produced; nothing was written.")
+        return Path(tmp).stat().st_size
+
+
 def refuse_pickle(path: str | os.PathLike, allow_pickle: bool = False) -> None:
     """Raise ``UnsafeFileError`` for pickle formats unless the user opted in."""
     suffix = Path(path).suffix.lower()

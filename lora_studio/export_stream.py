@@ -1,0 +1,186 @@
+"""Merged single-file export that streams: read one tensor, merge, convert, write it; never the whole model.
+
+For a single-file ``.safetensors`` base written to a single file (the common case: a Civitai checkpoint plus
+LoRAs, out as one file for AUTOMATIC1111 or ComfyUI) nothing needs the model as a whole. The LoRAs are matched
+on an empty *skeleton* of the model (its modules built from the config files on torch's ``meta`` device: names
+and shapes, no weights), each target weight is located in the file (``ldm.locate``), and then the checkpoint is
+copied tensor by tensor: read with ``readinto`` (no memory map, so the file's pages do not count as ours), the
+LoRA deltas added in fp32 where the tensor is a target, cast to the output dtype, checked finite, and written
+by ``fileio.write_safetensors_streamed``. Peak memory is the libraries plus the largest tensor or two (the
+token embedding, ~150 MB in fp32 for SD 1.5), instead of the checkpoint plus a whole fp32 model as with loading
+through diffusers (bench/export.py measures both).
+
+The arithmetic is the same as ``export.merge_into_pipeline`` (``W0`` in fp32, plus ``coefficient * delta`` per
+LoRA, cast once), so the merged tensors are bit-identical to the in-memory export (a test checks it). What is
+copied: every tensor of the base file except the EMA copy of the UNet (``model_ema.*``, which loaders ignore and
+would stay unmerged); tensors keep their names, integer tensors their dtype.
+
+Written by hand: neither diffusers nor safetensors merges or writes tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .errors import ExportError, InputFileError, LoraFormatError, StopRequested
+from .family import Family
+from .fileio import TORCH_DTYPES, read_safetensors_header, read_safetensors_tensor, write_safetensors_streamed
+from .ldm import detect_family_from_ldm_keys, pipeline_to_ldm_state_dict
+from .ldm.locate import LdmLocation, ldm_location
+from .progress import ProgressCallback, StopFlag, report
+
+DROPPED_PREFIXES = ("model_ema.",)
+SYNTHESISED = ("position_ids", "logit_scale")  # written by our layout when missing; a base file may lack them
+SKELETON_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _model_class(index: dict, name: str):
+    entry = index.get(name)
+    if not entry or entry[0] is None:
+        return None
+    library, cls = entry
+    return getattr(importlib.import_module(library), cls)
+
+
+def skeleton_pipeline(config_dir: Path) -> SimpleNamespace:
+    """The models of a pipeline built from ``config_dir``'s configs on the meta device (no memory for weights):
+    enough to match LoRA names and check shapes, with the attributes ``pipeline_components`` and
+    ``family_of_pipeline`` read."""
+    index = json.loads((config_dir / "model_index.json").read_text(encoding="utf-8"))
+    parts: dict[str, object] = {}
+    with torch.device("meta"):
+        for name in SKELETON_PARTS:
+            cls = _model_class(index, name)
+            if cls is None:
+                parts[name] = None
+                continue
+            folder = config_dir / name
+            if hasattr(cls, "load_config"):  # diffusers models
+                parts[name] = cls.from_config(cls.load_config(folder))
+            else:  # transformers models
+                config_cls = cls.config_class
+                parts[name] = cls(config_cls.from_pretrained(folder))
+    return SimpleNamespace(**parts)
+
+
+def _check_skeleton(header: dict, skeleton, family: Family, source: str, config_dir: Path) -> None:
+    """Every tensor the configs describe must be in the file with the same shape; else the configs do not fit."""
+    expected = pipeline_to_ldm_state_dict(skeleton, family, pad_sd2_text_encoder=False)
+    missing = [k for k in expected if k not in header and not k.endswith(SYNTHESISED)]
+    wrong = [f"{k}: file {header[k]['shape']} vs config {list(t.shape)}" for k, t in expected.items()
+             if k in header and list(header[k]["shape"]) != list(t.shape)
+             and not (k.endswith("text_projection") and list(header[k]["shape"]) == list(t.shape)[::-1])]
+    if wrong:
+        raise InputFileError(f"{source} does not fit the {family.label} configs in {config_dir}: "
+                             f"{len(wrong)} tensor(s) differ in shape, e.g. {'; '.join(wrong[:3])}. If it is a "
+                             "non-standard model, pass a config folder that matches it (config_dir / --config-dir).")
+    if missing:
+        raise InputFileError(f"{source} lacks {len(missing)} tensor(s) a {family.label} checkpoint has, e.g. "
+                             f"{', '.join(missing[:3])}. It is incomplete: use a full checkpoint.")
+
+
+def _targets(plan: dict, skeleton, family: Family) -> dict[str, list[tuple[int | None, tuple, list]]]:
+    """checkpoint key -> [(q/k/v part or None, the module weight's shape, [(coefficient, LoraModule)])]."""
+    out: dict[str, list] = {}
+    bad = []
+    vae_up = len(skeleton.vae.decoder.up_blocks) if getattr(skeleton, "vae", None) is not None else None
+    for (comp, mname), items in sorted(plan.items()):
+        loc: LdmLocation | None = ldm_location(family, comp, mname + ".weight", skeleton.unet.config, vae_up)
+        if loc is None:
+            bad.append(f"{comp}.{mname}")
+            continue
+        shape = tuple(getattr(skeleton, comp).get_submodule(mname).weight.shape)
+        out.setdefault(loc.key, []).append((loc.part, shape, items))
+    if bad:
+        raise LoraFormatError(f"{len(bad)} LoRA target(s) have no place in the single-file layout: "
+                              f"{', '.join(bad[:5])}. Export from a loaded pipeline instead.")
+    return out
+
+
+def _merged(tensor: torch.Tensor, parts: list, key: str) -> torch.Tensor:
+    """``tensor`` (as read) with the LoRA deltas added in fp32; DoRA deltas see the unmerged W0."""
+    from .lora.math import module_delta
+
+    w0 = tensor.to(torch.float32)
+    total = w0.clone()
+    for part, shape, items in parts:
+        if part is None:
+            base, into = w0.reshape(shape), total.reshape(shape)
+        else:
+            rows = shape[0]
+            if w0.shape[0] != 3 * rows:
+                raise InputFileError(f"{key} has {w0.shape[0]} rows; a fused q/k/v projection of {rows}-row "
+                                     "weights has three times that. The checkpoint does not fit its configs.")
+            base, into = w0[part * rows:(part + 1) * rows], total[part * rows:(part + 1) * rows]
+        for coeff, mod in items:
+            if coeff != 0.0:
+                into.add_(module_delta(mod, shape, base=base), alpha=coeff)
+    return total
+
+
+def _out_dtype(stored: torch.dtype, want: torch.dtype) -> torch.dtype:
+    return want if stored.is_floating_point else stored
+
+
+def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dtype, dtype_name: str,
+                             config_dir: Path | None, progress: ProgressCallback | None = None,
+                             stop: StopFlag | None = None):
+    """Fuse ``loras`` ((path, strength) pairs or a ``LoraMixer``) into the single-file checkpoint ``base`` and
+    write ``out`` tensor by tensor (see the module docstring). Returns an ``export.ExportResult``."""
+    from .configs import config_dir as shipped_config_dir
+    from .export import ExportResult, _mixer_on, _records, checkpoint_metadata
+
+    t0 = time.monotonic()
+    report(progress, "load", 0, 1, str(base))
+    header, base_meta = read_safetensors_header(base)
+    family = detect_family_from_ldm_keys(header, str(base))
+    cfg = Path(config_dir) if config_dir else shipped_config_dir(family)
+    if not (cfg / "model_index.json").is_file():
+        raise InputFileError(f"config folder {cfg} has no model_index.json. Give a diffusers model folder "
+                             f"(weights not needed) whose configs match this {family.label} checkpoint.")
+    skeleton = skeleton_pipeline(cfg)
+    _check_skeleton(header, skeleton, family, str(base), cfg)
+    report(progress, "load", 1, 1, str(base))
+
+    mixer = _mixer_on(skeleton, loras)
+    plan = mixer.contributions()
+    targets = _targets(plan, skeleton, family)
+    records = _records(mixer)
+    meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base.name)
+
+    keys = [k for k in header if not k.startswith(DROPPED_PREFIXES)]
+    stored = {k: TORCH_DTYPES.get(header[k]["dtype"]) for k in keys}
+    unreadable = [k for k, d in stored.items() if d is None]
+    if unreadable:
+        raise InputFileError(f"{base} holds tensors of a dtype LoRA Studio cannot stream "
+                             f"({header[unreadable[0]]['dtype']}, e.g. {unreadable[0]}).")
+    # the safetensors library's own order: wider dtypes first (keeps every tensor aligned), then by name
+    layout = sorted(((k, _out_dtype(stored[k], torch_dtype), tuple(header[k]["shape"])) for k in keys),
+                    key=lambda e: (-e[1].itemsize, e[0]))
+
+    def produce():
+        with open(base, "rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
+            for i, (key, dtype, _) in enumerate(layout, 1):
+                if stop is not None and stop.requested:
+                    raise StopRequested(f"export to {out} stopped on request; nothing was written.")
+                t = read_safetensors_tensor(fh, data_start, header[key])
+                if key in targets:
+                    t = _merged(t, targets[key], key)
+                t = t.to(dtype)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ExportError(f"refusing to write {out}: merged tensor {key} holds NaN or inf. Lower the "
+                                      "LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was "
+                                      "written.")
+                report(progress, "write", i, len(layout), key)
+                yield t
+
+    report(progress, "write", 0, len(layout), str(out))
+    size = write_safetensors_streamed(out, layout, produce(), meta)
+    return ExportResult(out, "single_file", dtype_name, family, records, len(plan), time.monotonic() - t0, size)

@@ -135,3 +135,34 @@ def test_streamed_export_refuses_an_incomplete_checkpoint(tmp_path):
         export_merged_checkpoint(str(base), [(tmp_path / "a.safetensors", 1.0)], tmp_path / "o.safetensors",
                                  config_dir=str(cfg))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", [Family.SD1, Family.SD2, Family.SDXL], ids=lambda f: f.value)
+def test_ldm_location_agrees_with_the_whole_state_dict_rename(family):
+    """Every weight of every part, located name by name, is the tensor pipeline_to_ldm_state_dict puts there."""
+    from lora_studio.ldm import pipeline_to_ldm_state_dict
+    from lora_studio.ldm.locate import ldm_location
+
+    pipe = tiny_pipeline(family)
+    sd = pipeline_to_ldm_state_dict(pipe, family)
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+             "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
+    checked = fused = 0
+    for comp, model in parts.items():
+        if model is None:
+            continue
+        for name, param in model.state_dict().items():
+            loc = ldm_location(family, comp, name, pipe.unet.config, len(pipe.vae.decoder.up_blocks))
+            if loc is None:
+                assert name in ("text_projection.weight", "embeddings.position_ids",
+                                "text_model.embeddings.position_ids"), (comp, name)
+                continue
+            got = sd[loc.key]
+            if loc.part is not None:
+                rows = param.shape[0]
+                got = got[loc.part * rows:(loc.part + 1) * rows]
+                fused += 1
+            assert torch.equal(got.reshape(param.shape), param), (comp, name, loc)
+            checked += 1
+    assert checked > 100
+    assert (fused > 0) == (family is not Family.SD1)

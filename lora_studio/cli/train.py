@@ -7,6 +7,7 @@ it saves the LoRA and a resumable state, and ``--resume`` continues from there.
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
@@ -20,7 +21,10 @@ FLAGS = {"data": "data_dir", "base": "base", "steps": "steps", "rank": "rank", "
          "output_dir": "output_dir", "run_name": "run_name", "output_name": "output_name",
          "trigger": "trigger_word", "seed": "seed", "mixed_precision": "mixed_precision",
          "save_every": "save_every_n_steps", "save_state_every": "save_state_every_n_steps",
-         "sample_every": "sample_every_n_steps", "sample_prompt": "sample_prompts", "init": "init"}
+         "sample_every": "sample_every_n_steps", "sample_prompt": "sample_prompts", "init": "init",
+         "gradient_checkpointing": "gradient_checkpointing", "cast_frozen_weights": "cast_frozen_weights",
+         "channels_last": "channels_last", "fused_optimizer": "fused_optimizer", "compile": "compile_unet",
+         "offload_cached_models": "offload_cached_models"}
 
 
 def register(sub) -> None:
@@ -50,6 +54,18 @@ def register(sub) -> None:
     p.add_argument("--sample-every", type=int, help="render sample images every N steps")
     p.add_argument("--sample-prompt", action="append", help="a sample prompt (repeat for several)")
     p.add_argument("--train-text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
+    speed = p.add_argument_group("speed and memory (each --x has a --no-x; defaults from the preset/config)")
+    on_off = argparse.BooleanOptionalAction
+    speed.add_argument("--gradient-checkpointing", action=on_off, help="recompute activations in the backward "
+                       "pass: much less memory, slower steps")
+    speed.add_argument("--cast-frozen-weights", action=on_off, help="with --mixed-precision fp16/bf16, hold the "
+                       "frozen UNet/VAE/text-encoder weights in that dtype; LoRA weights stay fp32 (default on)")
+    speed.add_argument("--channels-last", action=on_off, help="channels-last UNet on CUDA (default on)")
+    speed.add_argument("--fused-optimizer", action=on_off, help="fused AdamW kernel on CUDA (default on)")
+    speed.add_argument("--compile", action=on_off, help="torch.compile the UNet on CUDA: minutes of compiling "
+                       "before the first step, faster steps after (default off; ignored with a warning on a CPU)")
+    speed.add_argument("--offload-cached-models", action=on_off, help="on CUDA, move the VAE and frozen text "
+                       "encoders to the CPU once their outputs are cached (default on)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE",
                    help="continue the run's latest saved state (or the given state/run folder)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -111,5 +111,15 @@ class TextCache:
                 self._mem[c] = tuple(o[j] for o in outs)
         return tuple(torch.stack([self._mem[c][k] for c in captions]) for k in range(len(self._mem[captions[0]])))
 
+    def fill(self, captions: list[str], chunk: int = 32) -> int:
+        """Encode every caption not cached yet, ``chunk`` at a time, before training starts (so no step runs the
+        text encoder, and it can leave the GPU). Returns how many were encoded."""
+        if not self.enabled:
+            return 0
+        missing = [c for c in dict.fromkeys(captions) if c not in self._mem]
+        for k in range(0, len(missing), chunk):
+            self.get(missing[k:k + chunk])
+        return len(missing)
+
     def __len__(self) -> int:
         return len(self._mem)

@@ -51,6 +51,12 @@ class Conditioner:
             return encode_sdxl(self.pipe, captions, self.device, *self.encoders)
         return (encode_prompts(self.pipe.tokenizer, self.encoders[0], captions, self.device),)
 
+    def precompute(self, captions: list[str], chunk: int = 32) -> bool:
+        """Cache the states of ``captions`` now. True when the cache is in use (frozen encoders, caching on),
+        i.e. when every step that only sees these captions runs no text encoder."""
+        self.cache.fill(captions, chunk)
+        return self.cache.enabled
+
     def __call__(self, captions: list[str], items: list[ImageItem]) -> tuple[torch.Tensor, dict | None]:
         outs = self._encode(captions) if self.trained else self.cache.get(captions)
         if not self.sdxl:

@@ -83,6 +83,12 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # speed and memory switches (see docs of each; all are safe to leave on for a CPU run)
+    cast_frozen_weights: bool = True        # with fp16/bf16: frozen weights in that dtype, LoRA weights stay fp32
+    channels_last: bool = True              # CUDA only: the UNet in channels-last memory format (tensor cores)
+    fused_optimizer: bool = True            # CUDA only: torch's fused AdamW kernel (adamw only)
+    compile_unet: bool = False              # CUDA only: torch.compile the UNet (minutes of compiling first)
+    offload_cached_models: bool = True      # CUDA only: VAE/text encoders to the CPU once their outputs are cached
     min_snr_gamma: float = 0.0              # 0 disables min-SNR weighting; 5 is the paper's value
     noise_offset: float = 0.0
     prediction_type: str = "auto"           # "auto" takes the base model scheduler's

@@ -7,6 +7,7 @@ Multi-GPU runs go through ``accelerate launch``: each process takes every n-th b
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from .config import TrainConfig
 from .dataset import BucketBatches, scan_images, tag_frequency, transform_caption
 from .objective import diffusion_loss, sample_noise
 from .outputs import RunWriter
+from .placement import Offloader, Placement, frozen_dtypes, wants_channels_last
 from .save import check_resumable, find_state, load_state
 
 
@@ -73,9 +75,14 @@ def load_base(base: str, progress: ProgressCallback | None = None):
     return load_pipeline(base, progress=progress).pipe
 
 
-def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
+def _make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device | str = "cpu"):
     kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
+        if cfg.fused_optimizer and torch.device(device).type == "cuda":
+            try:  # one kernel for every LoRA tensor's update instead of a loop of small ones
+                return torch.optim.AdamW(groups, fused=True, **kw)
+            except (RuntimeError, TypeError, ValueError) as err:
+                warnings.warn(f"fused AdamW is not available here ({err}); using the standard AdamW.", stacklevel=2)
         return torch.optim.AdamW(groups, **kw)
     if cfg.optimizer == "adamw8bit":
         try:
@@ -90,6 +97,19 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
         raise ConfigError("optimizer = 'prodigy' needs the prodigyopt package, which is not installed. "
                           "Install it (pip install prodigyopt) or use optimizer 'adamw'.") from None
     return Prodigy(groups, **kw)  # Prodigy picks its own step size; learning rates near 1.0 are its usual setting
+
+
+def _maybe_compile(unet, enabled: bool, device: torch.device | str):
+    """``torch.compile(unet)`` on CUDA when asked; elsewhere the UNet itself and a warning. (On this project's
+    2-core CPU, compiling the demo UNet's training step took ~110 s and later steps were slower than eager.)"""
+    if not enabled:
+        return unet
+    if torch.device(device).type != "cuda":
+        warnings.warn("compile_unet is on but training runs on the CPU; torch.compile is only used on CUDA "
+                      "(on a CPU it compiles for minutes and the step gets no faster). Training without it.",
+                      stacklevel=2)
+        return unet
+    return torch.compile(unet)
 
 
 def _make_accelerator(cfg: TrainConfig):
@@ -113,7 +133,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     """Train a LoRA as ``config`` says and write it under ``config.run_dir()``.
 
     ``pipeline``: an already loaded base pipeline to train on instead of loading ``config.base``; its weights are
-    left exactly as they were (the LoRA layers are taken out again when training ends, however it ends).
+    left exactly as they were (the LoRA layers are taken out again, and weights that were cast, moved or put in
+    channels-last get their original tensors back, when training ends, however it ends).
     """
     cfg = config
     cfg.validate()
@@ -133,19 +154,18 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
 
     sdxl = family is Family.SDXL
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
-    # A pipeline loaded here keeps its frozen UNet and text-encoder weights in the mixed-precision dtype (half the
-    # memory, as diffusers' LoRA scripts do) while the LoRA weights stay fp32; the VAE stays fp32 (SDXL's overflows
-    # in fp16). A pipeline passed in keeps its dtype, so its weights come back exactly as they were.
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
-    for m in (pipe.unet, pipe.vae, *encoders):
-        m.requires_grad_(False)
-        if half is not None and pipeline is None and m is not pipe.vae:
-            m.to(device, dtype=half)
-        else:
-            m.to(device)
-    torch.manual_seed(cfg.seed)
+    # Frozen weights in the mixed-precision dtype (cast_frozen_weights), the LoRA weights fp32 (below); a pipeline
+    # passed in gets its own tensors back at the end.
+    placement = Placement(device, keep_originals=pipeline is not None)
+    offloader = Offloader(device, cfg.offload_cached_models)
+    dtypes = frozen_dtypes(str(accelerator.mixed_precision), cfg.cast_frozen_weights, pipe.unet, pipe.vae, encoders,
+                           sdxl)
     injected: list[InjectedLora] = []
     try:
+        channels_last = wants_channels_last(cfg.channels_last, device)
+        for m in (pipe.unet, pipe.vae, *encoders):
+            placement.place(m, dtypes[m], channels_last=channels_last and m is pipe.unet)
+        torch.manual_seed(cfg.seed)
         injected.append(inject_lora(pipe.unet, cfg, cfg.target_modules, "lora_unet_"))
         if cfg.train_text_encoder:
             prefixes = [TE1_PREFIX, TE2_PREFIX] if sdxl else [TE_PREFIX]
@@ -153,7 +173,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
                 injected.append(inject_lora(te, cfg, cfg.text_encoder_target_modules, prefix))
         for p in (p for inj in injected for p in inj.parameters()):
             p.data = p.data.float()
-        return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks)
+        return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks,
+                    offloader)
     except torch.OutOfMemoryError as err:
         raise TrainingError(f"out of GPU memory at batch_size {cfg.batch_size}, resolution {cfg.resolution}: "
                             "lower batch_size or resolution, turn on gradient_checkpointing, or use mixed_precision "
@@ -161,6 +182,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     finally:
         for inj in injected:
             remove_lora(inj)
+        offloader.restore()
+        placement.restore()
         _restore_modules(cfg, pipe.unet, *encoders)
         accelerator.free_memory()
 
@@ -181,7 +204,8 @@ def _restore_modules(cfg: TrainConfig, unet, *encoders) -> None:
 
 
 def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list[InjectedLora],
-         batches: BucketBatches, writer: RunWriter, progress, stop, callbacks: TrainCallbacks) -> TrainResult:
+         batches: BucketBatches, writer: RunWriter, progress, stop, callbacks: TrainCallbacks,
+         offloader: Offloader) -> TrainResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -201,7 +225,7 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
     groups = [{"params": unet_inj.parameters(), "lr": cfg.learning_rate}]
     if te_injs:
         groups.append({"params": [p for inj in te_injs for p in inj.parameters()], "lr": cfg.text_encoder_lr})
-    optimizer = _make_optimizer(cfg, groups)
+    optimizer = _make_optimizer(cfg, groups, device)
     sched_name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps else cfg.lr_scheduler
     lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.steps)
@@ -211,9 +235,19 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = cfg.prediction_type if cfg.prediction_type != "auto" else noise_scheduler.config.prediction_type
     writer.prediction_type = prediction
-    latents = LatentCache(pipe.vae, batches.items, cfg.cache_latents, writer.run_dir / "latent-cache", progress)
+    # Encode every image and caption once, before the first step (chunks of the batch size, so the VAE's
+    # activations stay within what a step needs), then the VAE and frozen text encoders can leave the GPU.
+    latents = LatentCache(pipe.vae, batches.items, cfg.cache_latents, writer.run_dir / "latent-cache", progress,
+                          chunk=cfg.batch_size)
     conditioner = Conditioner(pipe, device, sdxl, trained=bool(te_injs), cache=cfg.cache_text_embeddings,
                               encoders=tuple(tes_p))
+    # every caption a step can draw (shuffled tags make new ones, so then the encoders stay and cache as they go)
+    all_captions = sorted({it.caption for it in batches.items} | ({""} if cfg.caption_dropout_rate > 0 else set()))
+    with accelerator.autocast():
+        text_cached = not cfg.shuffle_tags and conditioner.precompute(all_captions)
+    offloader.offload(([pipe.vae] if cfg.cache_latents != "none" else [])
+                      + ([pipe.text_encoder, getattr(pipe, "text_encoder_2", None)] if text_cached else []))
+    step_unet = _maybe_compile(unet_p, cfg.compile_unet, device)
 
     named = {f"{inj.prefix}::{k}": p for inj in injected for k, p in inj.named_parameters().items()}
     step, losses, lrs = 0, [], []
@@ -251,14 +285,17 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
             x0, noise, t = x0.to(device), noise.to(device), t.to(device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             sync = accelerator.no_sync(unet_p) if micro < accum - 1 and nproc > 1 else nullcontext()
-            with sync, accelerator.autocast():
-                states, added = conditioner(captions, [batches.items[i] for i in idx])
-                pred = unet_p(noisy, t, encoder_hidden_states=states, added_cond_kwargs=added).sample
-                loss = diffusion_loss(pred, x0, noise, t, noise_scheduler, prediction, cfg.min_snr_gamma)
-                if not torch.isfinite(loss):
-                    raise _NonFinite(float(loss.detach()))
+            with sync:
+                with accelerator.autocast():
+                    states, added = conditioner(captions, [batches.items[i] for i in idx])
+                    pred = step_unet(noisy, t, encoder_hidden_states=states, added_cond_kwargs=added).sample
+                    loss = diffusion_loss(pred, x0, noise, t, noise_scheduler, prediction, cfg.min_snr_gamma)
                 accelerator.backward(loss / accum)
-            step_loss += float(loss.detach()) / accum
+            # the one host sync of a micro-batch; a non-finite loss stops before the optimizer sees its gradients
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise _NonFinite(value)
+            step_loss += value / accum
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -301,7 +338,7 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and cfg.sample_prompts:
             for m in (unet_p, *tes_p):
                 m.eval()
-            with accelerator.autocast():
+            with offloader.on_device(), accelerator.autocast():
                 grid = writer.sample(pipe, step)
             for m in (unet_p, *tes_p):
                 m.train()

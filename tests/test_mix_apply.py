@@ -263,9 +263,11 @@ def test_remove_returns_its_modules_to_w0_and_names_are_unique(tmp_path, pipe):
 def test_apply_recomputes_only_weights_whose_terms_changed(tmp_path, pipe, monkeypatch):
     import lora_studio.mix as mix
 
-    calls = []
-    real = mix.module_delta
+    calls = []  # one name per delta computed, by either path (one low-rank product, or module_delta)
+    real, real_factors = mix.module_delta, LoraMixer._factors
     monkeypatch.setattr(mix, "module_delta", lambda mod, *a, **k: calls.append(mod.name) or real(mod, *a, **k))
+    monkeypatch.setattr(LoraMixer, "_factors",
+                        lambda self, mod, *a: calls.append(mod.name) or real_factors(self, mod, *a))
     file = write_kohya_lora(tmp_path / "a.safetensors", pipe)
     mixer = LoraMixer(pipe)
     mixer.add(file)
@@ -356,3 +358,63 @@ def test_lora_block_weight_names(tmp_path, pipe):
         lbw_block_weights("1,0,1")
     with pytest.raises(ConfigError, match="IN99"):
         mixer.set_strength("a", blocks={"IN99": 1.0})
+
+
+def abs_product(file, module) -> torch.Tensor:
+    """|up| @ |down| * alpha / r of a UNet module: what bounds the rounding error of up @ down."""
+    sd = load_file(str(file))
+    name = "lora_unet_" + module.replace(".", "_")
+    down, up = sd[f"{name}.lora_down.weight"].double(), sd[f"{name}.lora_up.weight"].double()
+    alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else down.shape[0]
+    return (up.flatten(1).abs() @ down.flatten(1).abs()) * alpha / down.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n_loras", [1, 2])
+def test_low_rank_fast_path_matches_the_exact_merge_in_every_weight_dtype(tmp_path, pipe, dtype, n_loras):
+    """apply() writes plain LoRA products with addmm into the weight (bf16 factors for one LoRA on bf16 weights);
+    each weight is the fp64 formula to within one rounding of the result and the dot products' rounding error
+    (at most rank + 2 steps of sum |up| |down|; bf16 factors add one step each)."""
+    pipe.unet.to(dtype)
+    files = [write_kohya_lora(tmp_path / f"l{i}.safetensors", pipe, rank=4, alpha=2.0, te=False, seed=i)
+             for i in range(n_loras)]
+    strengths = [0.8, -0.6][:n_loras]
+    w0 = params(pipe)
+    mixer = LoraMixer(pipe)
+    for f, s in zip(files, strengths):
+        mixer.add(f, strength=s)
+    targets = sorted({m for e in mixer.entries for _, m in e.targets.values()})
+    deltas = {m: [s * (formula_weight(pipe, f, 1.0, "unet", m) - w0[f"unet.{m}.weight"].double())
+                  for f, s in zip(files, strengths)] for m in targets}
+    sizes = {m: sum(abs(s) * abs_product(f, m) for f, s in zip(files, strengths)) for m in targets}
+    mixer.apply()
+    dtypes = {k[2] for k in mixer._factors_cache}
+    assert dtypes == {torch.bfloat16 if dtype == torch.bfloat16 and n_loras == 1 else torch.float32}
+    assert len(targets) > 10
+    eps = torch.finfo(dtype).eps
+    for m in targets:
+        w = pipe.unet.get_submodule(m).weight
+        assert w.dtype == dtype
+        exact = w0[f"unet.{m}.weight"].double() + sum(deltas[m])
+        err = (w.double() - exact).abs()
+        allowed = eps * (exact.abs() + 8 * sizes[m])
+        assert bool((err <= allowed).all()), (m, float((err / allowed).max()))
+        assert not torch.equal(w, w0[f"unet.{m}.weight"])
+    mixer.restore()
+    assert all(torch.equal(v, w0[k]) for k, v in params(pipe).items())
+
+
+def test_layers_the_fast_path_cannot_take_still_merge(tmp_path, pipe, monkeypatch):
+    """LoKr modules (not one product) go through module_delta; plain LoRA modules do not."""
+    import lora_studio.mix as mix
+
+    used = []
+    real = mix.module_delta
+    monkeypatch.setattr(mix, "module_delta", lambda mod, *a, **k: used.append(mod.kind) or real(mod, *a, **k))
+    mixer = LoraMixer(pipe)
+    mixer.add(write_kohya_lora(tmp_path / "a.safetensors", pipe, te=False), strength=0.5)
+    mixer.apply()
+    assert used == []
+    mixer.add(write_lokr(tmp_path / "k.safetensors", pipe), strength=0.5)
+    mixer.apply()
+    assert "lokr" in used  # (layers both files touch take module_delta for both terms)

@@ -4,7 +4,8 @@ The script writes an fp16 original-layout (ldm) checkpoint of the model with ran
 LoRA over every attention projection (rank 128 for ``--size sd15``; see bench/mix_apply.py). Each export runs
 in its own process, so its peak resident memory is its own:
 
-* ours: ``lora_studio.export.export_merged_checkpoint(ckpt, [(lora, 1.0)], out, dtype="fp16")``;
+* ours: ``lora_studio.export.export_merged_checkpoint(ckpt, [(lora, 1.0)], out, dtype="fp16")``, which for a
+  single-file base streams tensor by tensor (``lora_studio/export_stream.py``);
 * baseline, the naive script: load the whole state dict, convert it to fp32 copies, add
   ``up @ down * alpha / rank`` per module, convert every tensor to fp16, save.
 

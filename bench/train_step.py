@@ -6,16 +6,19 @@ to_q/to_k/to_v/to_out.0 through ``unet.add_adapter`` (alpha = rank, Gaussian ini
 grad-norm clip 1.0, and every step: decode + resize + crop + flip the images, VAE-encode them
 (``latent_dist.sample()``), run the text encoder(s), one UNet forward/backward. No caching.
 
-Ours is ``lora_studio.train.train`` with its defaults for speed: latents and text states cached once
-(excluded from steps/s, reported as setup seconds), SDPA attention (diffusers' default processor). On a GPU
-the pipeline handed to the trainer is cast to the mixed-precision dtype and the UNet put in channels-last
-(the trainer has no switch for either yet; see bench/README.md).
+Ours is ``lora_studio.train.train`` on the same fp32 pipeline, with its speed switches (all defaults but
+compile): latents and every caption's text states encoded once before the first step (excluded from steps/s,
+reported as setup seconds), frozen weights cast to the mixed-precision dtype with fp32 LoRA weights
+(``cast_frozen_weights``), SDPA attention (diffusers' default processor), and on CUDA a channels-last UNet
+(``channels_last``), fused AdamW (``fused_optimizer``), the VAE and text encoder moved to the CPU once cached
+(``offload_cached_models``); ``--compile`` adds ``torch.compile`` of the UNet (``compile_unet``, CUDA only).
 
 Each (variant, batch size, repetition) runs in its own process so peak memory is its own:
 ``torch.cuda.max_memory_allocated`` on a GPU, the resident high-water mark on the CPU.
 
     python bench/train_step.py --size tiny --repeat 3
     python bench/train_step.py --size sd15 --repeat 3        # GPU
+    python bench/train_step.py --size sd15 --repeat 3 --compile
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ SIZES = {
     "sdxl": dict(model="sdxl", resolution=1024, batches=(1, 2), precision="bf16", warmup=3, steps=10, images=8),
 }
 RANK = 16
+# the trainer's speed switches "ours" runs with (its defaults; compile_unet comes from --compile)
+OURS_SWITCHES = dict(cast_frozen_weights=True, channels_last=True, fused_optimizer=True, offload_cached_models=True)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LR = 1e-4
 
@@ -79,21 +84,15 @@ def worker_ours(a) -> dict:
     from lora_studio.train.config import TrainConfig
 
     device = _device()
-    pipe = pipeline_for(a.model)
-    # What the trainer should do itself (it trains in whatever dtype the pipeline has): frozen weights in the
-    # compute dtype, as the diffusers example does, and on a GPU a channels-last UNet for the tensor cores.
-    if a.precision != "no":
-        for m in [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]:
-            if m is not None:
-                m.to(device, dtype=_dtype(a.precision))
+    pipe = pipeline_for(a.model)  # fp32 on the CPU, as for the baseline; the trainer casts and moves it
     if device == "cuda":
-        pipe.unet.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
     out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     cfg = TrainConfig(data_dir=a.data, output_dir=str(out), run_name="bench", resolution=a.resolution,
                       rank=RANK, alpha=float(RANK), target_modules=list(TARGETS), steps=a.warmup + a.steps,
                       batch_size=a.batch, learning_rate=LR, mixed_precision=a.precision, cache_latents="memory",
-                      cache_text_embeddings=True, seed=0, max_grad_norm=1.0)
+                      cache_text_embeddings=True, seed=0, max_grad_norm=1.0, **OURS_SWITCHES,
+                      compile_unet=bool(a.compile))
     times: list[float] = []
     t0 = time.perf_counter()
     result = tr.train(cfg, pipeline=pipe, callbacks=tr.TrainCallbacks(on_step=lambda s, l: times.append(time.perf_counter())))
@@ -248,6 +247,8 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, help="image size in px (default: the size's)")
     p.add_argument("--precision", choices=("no", "fp16", "bf16"), help="mixed precision (default: the size's; "
                    "'no' on a CPU)")
+    p.add_argument("--compile", action="store_true", help="ours with torch.compile of the UNet (CUDA only; the "
+                   "trainer skips it with a warning on a CPU); compiling happens in the first, untimed step")
     p.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -275,6 +276,11 @@ def main(argv=None) -> int:
     print(machine_summary())
     print(f"size {a.size}: {size['model']} model, {size['resolution']} px, rank {RANK}, precision "
           f"{size['precision']}, {size['warmup']} warm-up + {size['steps']} timed steps, median of {a.repeat}")
+    cuda = torch.cuda.is_available()
+    print("ours: cached latents + text states, " + ", ".join(
+        [f"frozen weights in {size['precision']}" if size["precision"] != "no" else "fp32 (no mixed precision)"]
+        + (["channels-last UNet", "fused AdamW", "VAE/text encoder offloaded after caching"] if cuda else [])
+        + ([("torch.compile UNet" if cuda else "--compile ignored on the CPU")] if a.compile else [])))
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         from bench.shapes import write_dataset
@@ -287,7 +293,7 @@ def main(argv=None) -> int:
                 for variant in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
                     args = ["--worker", variant, "--data", data, "--batch", batch, "--model", size["model"],
                             "--steps", size["steps"], "--warmup", size["warmup"], "--resolution", size["resolution"],
-                            "--precision", size["precision"]]
+                            "--precision", size["precision"]] + (["--compile"] if a.compile else [])
                     results.setdefault((variant, batch), []).append(run_worker(script, args))
     rows, ratios = [], {}
     for batch in size["batches"]:

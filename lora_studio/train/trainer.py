@@ -101,7 +101,8 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device |
 
 def _maybe_compile(unet, enabled: bool, device: torch.device | str):
     """``torch.compile(unet)`` on CUDA when asked; elsewhere the UNet itself and a warning. (On this project's
-    2-core CPU, compiling the demo UNet's training step took ~110 s and later steps were slower than eager.)"""
+    2-core CPU, torch 2.13, the demo UNet's first compiled training step took ~110 s and the next three 9 s,
+    against ~0.05 s per eager step.) Each new bucket shape compiles again."""
     if not enabled:
         return unet
     if torch.device(device).type != "cuda":

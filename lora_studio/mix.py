@@ -232,8 +232,9 @@ class LoraMixer:
         up = mod.tensors["lora_up.weight"].to(device=device, dtype=torch.float32).flatten(1) * mod.scale
         down = mod.tensors["lora_down.weight"].to(device=device, dtype=torch.float32).flatten(1)
         bound = float(up.norm(dim=1).max() * down.norm(dim=0).max()) if up.numel() and down.numel() else 0.0
-        self._factors_cache[key] = (mod, up.to(dtype), down.to(dtype), bound)
-        return up.to(dtype), down.to(dtype), bound
+        up, down = up.to(dtype), down.to(dtype)
+        self._factors_cache[key] = (mod, up, down, bound)
+        return up, down, bound
 
     def _apply_products(self, key, param: torch.Tensor, w0: torch.Tensor, terms) -> bool:
         """Write ``W0 + sum c * up @ down`` with ``addmm`` straight into ``param`` when every term is one low-rank
@@ -282,9 +283,17 @@ class LoraMixer:
         text-encoder strength or one block weight costs only those layers. The weights are assumed to be
         changed by nobody else in between (``restore()`` first if they were)."""
         contribs = self.contributions()
-        for key in contribs:
-            if key not in self._originals:  # kept on the CPU: GPU memory holds only the live weights
-                self._originals[key] = self._weight(key).detach().to("cpu", copy=True)
+        fresh = [key for key in contribs if key not in self._originals]
+        for key in fresh:
+            self._originals[key] = self._keep_original(self._weight(key))
+        try:
+            self._write(contribs)
+        finally:  # a layer that was never written (an error came first) gets its own tensor back
+            for key in fresh:
+                if key not in self._written:
+                    self._put_back(self._weight(key), self._originals.pop(key))
+
+    def _write(self, contribs) -> None:
         for key, w0 in self._originals.items():
             param = self._weight(key)
             terms = [(c, m) for c, m in contribs.get(key, []) if c != 0.0]
@@ -313,11 +322,29 @@ class LoraMixer:
             param.copy_(new)
             self._written[key] = tuple(terms)
 
+    @staticmethod
+    def _keep_original(param: torch.nn.Parameter) -> torch.Tensor:
+        """Keep W0 before a weight is first written. Off the CPU it is copied to the CPU (GPU memory holds only
+        the live weights). On the CPU the parameter's own tensor is kept and the parameter gets fresh storage
+        to be written into, which saves copying every touched weight (~0.5 GB for SD 1.5 attention in fp32)."""
+        if param.device.type != "cpu":
+            return param.detach().to("cpu", copy=True)
+        original = param.data
+        param.data = torch.empty_like(original)  # apply() writes it, or puts ``original`` back if it fails first
+        return original
+
+    @staticmethod
+    def _put_back(param: torch.nn.Parameter, w0: torch.Tensor) -> None:
+        if param.device == w0.device and param.dtype == w0.dtype and param.shape == w0.shape:
+            param.data = w0  # on the CPU the kept tensor itself goes back: no copy
+        else:
+            param.copy_(w0)
+
     @torch.no_grad()
     def restore(self) -> None:
         """Put every touched weight back exactly as it was before the first ``apply()``."""
         for key, w0 in self._originals.items():
-            self._weight(key).copy_(w0)
+            self._put_back(self._weight(key), w0)
         self._originals.clear()
         self._written.clear()
         self._w0_absmax.clear()

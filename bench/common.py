@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 # hardly changed. On a shared machine export OMP_WAIT_POLICY=PASSIVE yourself and say so with the numbers.)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import lora_studio  # noqa: E402,F401  (its allocator settings, cpu_memory.py, then hold in every worker alike)
 RESULT_TAG = "BENCH_RESULT "
 
 

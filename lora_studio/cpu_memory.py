@@ -24,7 +24,7 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30   # blocks up to 1 GiB come from the heap and are reused after free
-TRIM_THRESHOLD = 2 << 30   # give memory back to the system only when over 2 GiB is free at the heap's top
+TRIM_THRESHOLD = (1 << 31) - 1  # give memory back only when ~2 GiB is free at the heap's top (mallopt takes an int)
 
 _state: dict[str, bool] = {}
 

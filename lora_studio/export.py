@@ -242,9 +242,12 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                           "converted in place); pass the path instead of a loaded pipeline.")
     if fmt == "single_file" and isinstance(base, (str, os.PathLike)) and Path(base).suffix.lower() == ".safetensors" \
             and Path(base).is_file():
-        from .export_stream import stream_merged_checkpoint  # the low-memory path; see its module docstring
+        from .export_stream import NotStreamable, stream_merged_checkpoint  # the low-memory path
 
-        return stream_merged_checkpoint(Path(base), loras, out, torch_dtype, dtype, config_dir, progress, stop)
+        try:
+            return stream_merged_checkpoint(Path(base), loras, out, torch_dtype, dtype, config_dir, progress, stop)
+        except NotStreamable as why:  # raised before anything is written: load the model instead
+            report(progress, "load", 0, 1, f"cannot stream this export ({why}); loading the whole model")
     t0 = time.monotonic()
     pipe, family, source = _load_base(base, config_dir, progress)
     owned = source is not None

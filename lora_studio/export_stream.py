@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import ExportError, InputFileError, LoraFormatError, StopRequested
+from .errors import ExportError, InputFileError, StopRequested
 from .family import Family
 from .fileio import TORCH_DTYPES, read_safetensors_header, read_safetensors_tensor, write_safetensors_streamed
 from .ldm import detect_family_from_ldm_keys, pipeline_to_ldm_state_dict
@@ -36,6 +36,11 @@ from .ldm.locate import LdmLocation, ldm_location
 from .progress import ProgressCallback, StopFlag, report
 
 DROPPED_PREFIXES = ("model_ema.",)
+
+
+class NotStreamable(Exception):
+    """This export cannot be streamed (a LoRA target with no plain place in the file, a dtype the reader does
+    not know); raised before anything is written, so the caller takes the in-memory path instead."""
 SYNTHESISED = ("position_ids", "logit_scale")  # written by our layout when missing; a base file may lack them
 SKELETON_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -98,8 +103,8 @@ def _targets(plan: dict, skeleton, family: Family) -> dict[str, list[tuple[int |
         shape = tuple(getattr(skeleton, comp).get_submodule(mname).weight.shape)
         out.setdefault(loc.key, []).append((loc.part, shape, items))
     if bad:
-        raise LoraFormatError(f"{len(bad)} LoRA target(s) have no place in the single-file layout: "
-                              f"{', '.join(bad[:5])}. Export from a loaded pipeline instead.")
+        raise NotStreamable(f"{len(bad)} LoRA target(s) have no plain place in the single-file layout: "
+                            f"{', '.join(bad[:5])}")
     return out
 
 
@@ -132,7 +137,8 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
                              config_dir: Path | None, progress: ProgressCallback | None = None,
                              stop: StopFlag | None = None):
     """Fuse ``loras`` ((path, strength) pairs or a ``LoraMixer``) into the single-file checkpoint ``base`` and
-    write ``out`` tensor by tensor (see the module docstring). Returns an ``export.ExportResult``."""
+    write ``out`` tensor by tensor (see the module docstring). Returns an ``export.ExportResult``; raises
+    ``NotStreamable`` (before writing anything) when the export needs the in-memory path."""
     from .configs import config_dir as shipped_config_dir
     from .export import ExportResult, _mixer_on, _records, checkpoint_metadata
 
@@ -158,8 +164,8 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
     stored = {k: TORCH_DTYPES.get(header[k]["dtype"]) for k in keys}
     unreadable = [k for k, d in stored.items() if d is None]
     if unreadable:
-        raise InputFileError(f"{base} holds tensors of a dtype LoRA Studio cannot stream "
-                             f"({header[unreadable[0]]['dtype']}, e.g. {unreadable[0]}).")
+        raise NotStreamable(f"{base} holds tensors of dtype {header[unreadable[0]]['dtype']} "
+                            f"(e.g. {unreadable[0]})")
     # the safetensors library's own order: wider dtypes first (keeps every tensor aligned), then by name
     layout = sorted(((k, _out_dtype(stored[k], torch_dtype), tuple(header[k]["shape"])) for k in keys),
                     key=lambda e: (-e[1].itemsize, e[0]))

@@ -166,3 +166,28 @@ def test_ldm_location_agrees_with_the_whole_state_dict_rename(family):
             checked += 1
     assert checked > 100
     assert (fused > 0) == (family is not Family.SD1)
+
+
+def test_a_target_the_stream_cannot_place_falls_back_to_the_in_memory_export(tmp_path, monkeypatch):
+    """SDXL's OpenCLIP text_projection is stored transposed, so a LoRA on it has no plain place in the file: the
+    export loads the model instead (and says so), and the result is the merge all the same."""
+    import lora_studio.export as export
+
+    pipe, cfg, base, mods = _inputs(Family.SDXL, tmp_path)
+    w = pipe.text_encoder_2.text_projection.weight
+    kname = kohya_module_name(TE2_PREFIX, "text_projection")
+    mods[kname] = LoraModule.from_updown(kname, torch.randn(2, w.shape[1]) * 0.3, torch.randn(w.shape[0], 2) * 0.3, 1.0)
+    save_kohya_lora(mods, tmp_path / "a.safetensors")
+    calls, events = [], []
+    real_load = export._load_base
+    monkeypatch.setattr(export, "_load_base", lambda *a: calls.append(a) or real_load(*a))
+    res = export.export_merged_checkpoint(str(base), [(tmp_path / "a.safetensors", 1.0)], tmp_path / "o.safetensors",
+                                          dtype="fp32", config_dir=str(cfg), progress=events.append)
+    assert len(calls) == 1 and res.modules_changed == len(mods)
+    assert any("cannot stream" in e.message for e in events)
+    live = tiny_pipeline(Family.SDXL)
+    reference_merge(live, [(mods, 1.0)])
+    back = load_single_file(Family.SDXL, res.out, cfg)
+    assert torch.allclose(back.text_encoder_2.text_projection.weight, live.text_encoder_2.text_projection.weight,
+                          atol=1e-6)
+    assert not torch.allclose(live.text_encoder_2.text_projection.weight, w, atol=1e-3)

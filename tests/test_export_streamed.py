@@ -191,3 +191,30 @@ def test_a_target_the_stream_cannot_place_falls_back_to_the_in_memory_export(tmp
     assert torch.allclose(back.text_encoder_2.text_projection.weight, live.text_encoder_2.text_projection.weight,
                           atol=1e-6)
     assert not torch.allclose(live.text_encoder_2.text_projection.weight, w, atol=1e-3)
+
+
+def test_streamed_export_of_a_live_mix_keeps_its_strengths_and_block_weights(tmp_path):
+    """The GUI exports the Mix tab's mixer with the base's path: the streamed file equals the in-memory export
+    of the same live mix (text-encoder strength and block weights included), and the live pipeline is untouched."""
+    from lora_studio.export import export_merged_checkpoint
+    from lora_studio.mix import LoraMixer
+    from lora_studio.models import load_pipeline
+
+    _, cfg, base, _ = _inputs(Family.SD1, tmp_path)
+    make_lora(tiny_pipeline(Family.SD1), tmp_path / "b.safetensors", seed=2)
+    loaded = load_pipeline(str(base), config_dir=cfg)
+    mixer = LoraMixer(loaded.pipe)
+    mixer.add(tmp_path / "a.safetensors", strength=0.9, te_strength=0.2, block_weights={"up": 0.0})
+    mixer.add(tmp_path / "b.safetensors", strength=0.4)
+    mixer.apply()
+    live = unet_out(loaded.pipe)
+    streamed = export_merged_checkpoint(str(base), mixer, tmp_path / "s.safetensors", dtype="fp32",
+                                        config_dir=str(cfg))
+    assert torch.equal(unet_out(loaded.pipe), live)
+    in_memory = export_merged_checkpoint(None, mixer, tmp_path / "m.safetensors", dtype="fp32")
+    got, want = _tensors(streamed.out), _tensors(in_memory.out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    rec = json.loads(read_safetensors_header(streamed.out)[1]["lora_studio.merged_loras"])
+    assert rec[0]["te_strength"] == 0.2 and rec[0]["block_weights"] == {"up": 0.0}
+    back = load_single_file(Family.SD1, streamed.out, cfg)
+    assert torch.allclose(unet_out(back), live, atol=1e-5)

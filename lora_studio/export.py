@@ -206,8 +206,9 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                              progress: ProgressCallback | None = None, stop: StopFlag | None = None) -> ExportResult:
     """Fuse ``loras`` into ``base`` and write ``out``.
 
-    ``base`` is a model path or "demo" (loaded here with ``models.load_pipeline`` in fp32, then consumed: merged
-    and converted in place, which keeps the peak near one copy of the model) or an already loaded pipeline /
+    ``base`` is a model path or "demo" (a single-file ``.safetensors`` written to a single file is streamed
+    tensor by tensor, ``export_stream``; anything else is loaded here with ``models.load_pipeline`` in fp32, then
+    consumed: merged and converted in place, which keeps the peak near one copy of the model) or an already loaded pipeline /
     ``LoadedModel`` (left as it was: the merged layers are restored after writing, and the dtype conversion
     copies tensor by tensor). ``loras`` is a list of (path, strength) or a ``LoraMixer`` (the UI's live mix: its
     strengths, text-encoder strengths and block weights are used); ``base=None`` with a mixer means the mixer's

@@ -42,8 +42,11 @@ def test_train_step_tiny_prints_table_and_ratios():
 
 
 @pytest.mark.slow
-def test_mix_apply_tiny_through_the_cli():
-    lines = _run([sys.executable, "-m", "lora_studio", "bench", "mix_apply", "--size", "tiny", "--repeat", "1"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mix_apply_tiny_through_the_cli(dtype):
+    lines = _run([sys.executable, "-m", "lora_studio", "bench", "mix_apply", "--size", "tiny", "--repeat", "1",
+                  "--dtype", dtype])
+    assert any(f"demo model in {dtype}" in ln for ln in lines), "\n".join(lines)
     _check_output(lines, "apply", ("load_apply", "strength_change", "render_step_vs_unfused"))
     assert any(ln.startswith("same weights:") for ln in lines)
     ours = next(ln for ln in lines if ln.startswith("| ours: LoraMixer"))

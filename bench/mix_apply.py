@@ -22,6 +22,7 @@ bf16 rounding step of the weights rather than exactly.
     python bench/mix_apply.py --size tiny --repeat 3
     python bench/mix_apply.py --size sd15 --repeat 3
     python bench/mix_apply.py --size sd15 --repeat 3 --dtype bf16
+    python bench/mix_apply.py --size sd15 --repeat 3 --dtype bf16 --device cuda    # GPU
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (machine_summary, median, print_table, quiet_libraries, ratio_line,  # noqa: E402
-                          safe_ratio, time_call)
+                          safe_ratio, sync, time_call)
 
 SIZES = {
     # model, LoRA rank, latent side for the render step, untimed warm-up forwards
@@ -132,7 +133,7 @@ def _probe_weights(pipe) -> dict:
     """A few weights the LoRA touches (first UNet attn1 to_q, first TE q_proj), copied."""
     unet_w = next(m.weight for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_k") and hasattr(m, "weight"))
     te_w = next(m.weight for n, m in pipe.text_encoder.named_modules() if n.endswith("q_proj") and hasattr(m, "weight"))
-    return {"unet": unet_w.detach().float().clone(), "te": te_w.detach().float().clone()}
+    return {"unet": unet_w.detach().float().cpu().clone(), "te": te_w.detach().float().cpu().clone()}
 
 
 def ours_once(pipe, path: Path, watcher: OpenWatcher) -> dict:
@@ -143,6 +144,7 @@ def ours_once(pipe, path: Path, watcher: OpenWatcher) -> dict:
     mixer = LoraMixer(pipe)
     name = mixer.add(path, strength=1.0)
     mixer.apply()
+    sync(pipe.device.type)
     t_apply = time.perf_counter() - t0
     probe = _probe_weights(pipe)
     load_events = watcher.count()
@@ -150,6 +152,7 @@ def ours_once(pipe, path: Path, watcher: OpenWatcher) -> dict:
         t0 = time.perf_counter()
         mixer.set_strength(name, unet=0.5, te=0.5)
         mixer.apply()
+        sync(pipe.device.type)
         t_change = time.perf_counter() - t0
     events = watcher.count()
     mixer.restore()
@@ -163,6 +166,7 @@ def diffusers_once(pipe, path: Path, watcher: OpenWatcher, adapter: str) -> dict
     pipe.load_lora_weights(str(path), adapter_name=adapter)
     pipe.set_adapters([adapter], [1.0])
     pipe.fuse_lora(adapter_names=[adapter])
+    sync(pipe.device.type)
     t_apply = time.perf_counter() - t0
     probe = _probe_weights(pipe)
     load_events = watcher.count()
@@ -171,6 +175,7 @@ def diffusers_once(pipe, path: Path, watcher: OpenWatcher, adapter: str) -> dict
         pipe.unfuse_lora()
         pipe.set_adapters([adapter], [0.5])
         pipe.fuse_lora(adapter_names=[adapter])
+        sync(pipe.device.type)
         t_change = time.perf_counter() - t0
     events = watcher.count()
     pipe.unfuse_lora()
@@ -189,15 +194,15 @@ def render_steps(pipe, path: Path, latent: int, repeat: int) -> dict[str, float]
 
     unet = pipe.unet
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, unet.config.in_channels, latent, latent, generator=gen).to(unet.dtype)
-    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen).to(unet.dtype)
-    t = torch.tensor([500])
+    x = torch.randn(1, unet.config.in_channels, latent, latent, generator=gen).to(unet.device, unet.dtype)
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen).to(unet.device, unet.dtype)
+    t = torch.tensor([500], device=unet.device)
 
     def step() -> float:
         """One untimed forward first: the first forward after weights change pays one-off costs (about +30%
         for SD1.5 on the CPU here, whichever way the weights were written), which is not a per-step cost."""
         with torch.no_grad():
-            return time_call(lambda: unet(x, t, encoder_hidden_states=ctx), warmup=1)[0]
+            return time_call(lambda: unet(x, t, encoder_hidden_states=ctx), warmup=1, device=unet.device.type)[0]
 
     step()  # warm-up
     times: dict[str, list[float]] = {"bare": [], "ours (fused weights)": [], "diffusers unfused": [],
@@ -227,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, help="LoRA rank (default: the size's)")
     p.add_argument("--latent", type=int, help="latent side for the render step (default: the size's)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the pipeline's weight dtype")
+    p.add_argument("--device", default="cpu", help="where the pipeline lives (cpu, cuda); the LoRA file is "
+                   "read from disk either way")
     a = p.parse_args(argv)
     quiet_libraries()
     import torch
@@ -239,12 +246,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     pipe = pipeline_for(size["model"])
     weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    pipe.to(weight_dtype)
+    pipe.to(a.device, weight_dtype)
     build_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="bench-mix-") as tmp:
         path = Path(tmp) / f"attn-r{size['rank']}.safetensors"
         info = write_attention_lora(pipe, path, size["rank"])
-        print(f"size {a.size}: {size['model']} model in {a.dtype} (built in {build_s:.0f}s), kohya LoRA rank {size['rank']}, "
+        print(f"size {a.size}: {size['model']} model in {a.dtype} on {a.device} (built in {build_s:.0f}s), kohya LoRA rank {size['rank']}, "
               f"{info['modules']} modules, {info['bytes'] / 2**20:.1f} MiB fp16; median of {a.repeat}")
         path.read_bytes()  # warm the page cache for both sides
         watcher = OpenWatcher(path)

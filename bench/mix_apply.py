@@ -136,52 +136,60 @@ def _probe_weights(pipe) -> dict:
     return {"unet": unet_w.detach().float().cpu().clone(), "te": te_w.detach().float().cpu().clone()}
 
 
+def _timed(pipe, path: Path, watcher: OpenWatcher, apply, change, undo) -> dict:
+    """Time ``apply()`` (load + apply at strength 1) and ``change()`` (to strength 0.5, with the file renamed
+    away), counting file opens and reads of each; ``undo()`` then gives the pipeline back."""
+    watcher.count()
+    t0 = time.perf_counter()
+    apply()
+    sync(pipe.device.type)
+    t_apply = time.perf_counter() - t0
+    probe = _probe_weights(pipe)
+    load_events = watcher.count()
+    with _moved_away(path):
+        t0 = time.perf_counter()
+        change()
+        sync(pipe.device.type)
+        t_change = time.perf_counter() - t0
+    events = watcher.count()
+    undo()
+    return {"apply_s": t_apply, "change_s": t_change, "change_events": events, "load_events": load_events,
+            "probe": probe}
+
+
 def ours_once(pipe, path: Path, watcher: OpenWatcher) -> dict:
     from lora_studio.mix import LoraMixer
 
-    watcher.count()
-    t0 = time.perf_counter()
-    mixer = LoraMixer(pipe)
-    name = mixer.add(path, strength=1.0)
-    mixer.apply()
-    sync(pipe.device.type)
-    t_apply = time.perf_counter() - t0
-    probe = _probe_weights(pipe)
-    load_events = watcher.count()
-    with _moved_away(path):
-        t0 = time.perf_counter()
-        mixer.set_strength(name, unet=0.5, te=0.5)
+    held = {}
+
+    def apply():
+        held["mixer"] = mixer = LoraMixer(pipe)
+        held["name"] = mixer.add(path, strength=1.0)
         mixer.apply()
-        sync(pipe.device.type)
-        t_change = time.perf_counter() - t0
-    events = watcher.count()
-    mixer.restore()
-    return {"apply_s": t_apply, "change_s": t_change, "change_events": events, "load_events": load_events,
-            "probe": probe}
+
+    def change():
+        held["mixer"].set_strength(held["name"], unet=0.5, te=0.5)
+        held["mixer"].apply()
+
+    return _timed(pipe, path, watcher, apply, change, lambda: held["mixer"].restore())
 
 
 def diffusers_once(pipe, path: Path, watcher: OpenWatcher, adapter: str) -> dict:
-    watcher.count()
-    t0 = time.perf_counter()
-    pipe.load_lora_weights(str(path), adapter_name=adapter)
-    pipe.set_adapters([adapter], [1.0])
-    pipe.fuse_lora(adapter_names=[adapter])
-    sync(pipe.device.type)
-    t_apply = time.perf_counter() - t0
-    probe = _probe_weights(pipe)
-    load_events = watcher.count()
-    with _moved_away(path):
-        t0 = time.perf_counter()
+    def apply():
+        pipe.load_lora_weights(str(path), adapter_name=adapter)
+        pipe.set_adapters([adapter], [1.0])
+        pipe.fuse_lora(adapter_names=[adapter])
+
+    def change():
         pipe.unfuse_lora()
         pipe.set_adapters([adapter], [0.5])
         pipe.fuse_lora(adapter_names=[adapter])
-        sync(pipe.device.type)
-        t_change = time.perf_counter() - t0
-    events = watcher.count()
-    pipe.unfuse_lora()
-    pipe.unload_lora_weights()
-    return {"apply_s": t_apply, "change_s": t_change, "change_events": events, "load_events": load_events,
-            "probe": probe}
+
+    def undo():
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+    return _timed(pipe, path, watcher, apply, change, undo)
 
 
 def render_steps(pipe, path: Path, latent: int, repeat: int) -> dict[str, float]:

@@ -34,16 +34,20 @@ def params(pipe) -> dict[str, torch.Tensor]:
 
 def formula_weight(pipe, file, strength, component, module) -> torch.Tensor:
     """W0 + s * alpha/r * up @ down, written out from the file's tensors (independent of lora_studio)."""
+    up, down, scale = file_factors(file, component, module)
+    w0 = getattr(pipe, component).get_submodule(module).weight.double()
+    delta = (up @ down).reshape(w0.shape) * scale
+    return w0 + strength * delta
+
+
+def file_factors(file, component, module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A kohya module's (up, down) as 2-D fp64 tensors and its alpha / rank, read straight from the file."""
     sd = load_file(str(file))
-    if component == "unet":
-        name = "lora_unet_" + module.replace(".", "_")
-    else:
-        name = "lora_te_text_model_" + module.replace(".", "_")
+    prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
+    name = prefix + module.replace(".", "_")
     down, up = sd[f"{name}.lora_down.weight"].double(), sd[f"{name}.lora_up.weight"].double()
     alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else down.shape[0]
-    w0 = getattr(pipe, component).get_submodule(module).weight.double()
-    delta = (up.flatten(1) @ down.flatten(1)).reshape(w0.shape) * alpha / down.shape[0]
-    return w0 + strength * delta
+    return up.flatten(1), down.flatten(1), alpha / down.shape[0]
 
 
 def test_apply_equals_diffusers_fuse_and_formula(tmp_path, pipe):
@@ -362,11 +366,8 @@ def test_lora_block_weight_names(tmp_path, pipe):
 
 def abs_product(file, module) -> torch.Tensor:
     """|up| @ |down| * alpha / r of a UNet module: what bounds the rounding error of up @ down."""
-    sd = load_file(str(file))
-    name = "lora_unet_" + module.replace(".", "_")
-    down, up = sd[f"{name}.lora_down.weight"].double(), sd[f"{name}.lora_up.weight"].double()
-    alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else down.shape[0]
-    return (up.flatten(1).abs() @ down.flatten(1).abs()) * alpha / down.shape[0]
+    up, down, scale = file_factors(file, "unet", module)
+    return (up.abs() @ down.abs()) * scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -218,3 +218,23 @@ def test_streamed_export_of_a_live_mix_keeps_its_strengths_and_block_weights(tmp
     assert rec[0]["te_strength"] == 0.2 and rec[0]["block_weights"] == {"up": 0.0}
     back = load_single_file(Family.SD1, streamed.out, cfg)
     assert torch.allclose(unet_out(back), live, atol=1e-5)
+
+
+def test_a_bf16_base_streams_to_fp32_and_fp16_like_the_in_memory_export(tmp_path):
+    """Base files come in bf16 too: each tensor is read as bf16, merged in fp32 and written in the asked dtype."""
+    from lora_studio.export import export_merged_checkpoint
+    from lora_studio.fileio import load_safetensors, save_safetensors_atomic
+    from lora_studio.models import load_pipeline
+
+    _, cfg, base, _ = _inputs(Family.SD1, tmp_path)
+    sd, meta = load_safetensors(base)
+    save_safetensors_atomic({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()},
+                            base, meta)
+    loras = [(tmp_path / "a.safetensors", 0.7)]
+    for dtype in ("fp32", "fp16"):
+        streamed = export_merged_checkpoint(str(base), loras, tmp_path / f"s-{dtype}.safetensors", dtype=dtype,
+                                            config_dir=str(cfg))
+        loaded = load_pipeline(str(base), config_dir=cfg)  # from_single_file upcasts the bf16 tensors to fp32
+        in_memory = export_merged_checkpoint(loaded, loras, tmp_path / f"m-{dtype}.safetensors", dtype=dtype)
+        got, want = _tensors(streamed.out), _tensors(in_memory.out)
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want), dtype

@@ -95,7 +95,9 @@ def worker_ours(a) -> dict:
                       compile_unet=bool(a.compile))
     times: list[float] = []
     t0 = time.perf_counter()
-    result = tr.train(cfg, pipeline=pipe, callbacks=tr.TrainCallbacks(on_step=lambda s, l: times.append(time.perf_counter())))
+    # handed over (give_back=False) as the baseline owns its pipeline: neither keeps a second copy of the weights
+    result = tr.train(cfg, pipeline=pipe, give_back=False,
+                      callbacks=tr.TrainCallbacks(on_step=lambda s, l: times.append(time.perf_counter())))
     peak, kind = _peak(device)
     return {**_rates(times, a.warmup, a.batch), "peak_mem": peak, "mem_kind": kind,
             "setup_s": times[0] - t0 - (times[-1] - times[0]) / (len(times) - 1), "loss": result.losses[-1]}

@@ -65,6 +65,29 @@ def test_bf16_run_holds_frozen_weights_in_bf16_trains_fp32_lora_and_gives_the_pi
     assert pipe.unet.conv_in.weight is conv_in and not _lora_params(pipe.unet)
 
 
+def test_a_pipeline_handed_over_keeps_no_originals_and_stays_cast(data, tmp_path, monkeypatch):
+    """give_back=False: no second copy of the weights is kept during the run (Placement keeps nothing), the
+    frozen weights stay bf16 afterwards, and the LoRA layers are still taken out."""
+    import lora_studio.train.trainer as trainer
+
+    kept = []
+    real = trainer.Placement
+
+    class Watched(real):
+        def place(self, module, dtype, channels_last=False):
+            super().place(module, dtype, channels_last)
+            kept.append(len(self._originals))
+
+    monkeypatch.setattr(trainer, "Placement", Watched)
+    pipe = random_demo_pipeline()
+    res = train(_cfg(data, tmp_path, mixed_precision="bf16", steps=1), pipeline=pipe, give_back=False)
+    assert res.losses and kept and max(kept) == 0
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and not _lora_params(pipe.unet)
+    kept.clear()
+    train(_cfg(data, tmp_path / "again", mixed_precision="bf16", steps=1), pipeline=random_demo_pipeline())
+    assert max(kept) > 0  # given back (the default): the originals are kept
+
+
 def test_cast_frozen_weights_off_keeps_fp32_frozen_weights(data, tmp_path):
     pipe = random_demo_pipeline()
     dtypes = []

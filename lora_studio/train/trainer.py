@@ -130,12 +130,15 @@ def _make_accelerator(cfg: TrainConfig):
 
 
 def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: StopFlag | None = None,
-          callbacks: TrainCallbacks | None = None, pipeline=None) -> TrainResult:
+          callbacks: TrainCallbacks | None = None, pipeline=None, give_back: bool = True) -> TrainResult:
     """Train a LoRA as ``config`` says and write it under ``config.run_dir()``.
 
     ``pipeline``: an already loaded base pipeline to train on instead of loading ``config.base``; its weights are
     left exactly as they were (the LoRA layers are taken out again, and weights that were cast, moved or put in
-    channels-last get their original tensors back, when training ends, however it ends).
+    channels-last get their original tensors back, when training ends, however it ends). That means keeping the
+    original tensors beside the cast ones for the whole run (on the CPU; off the GPU they are copied there);
+    ``give_back=False`` hands the pipeline over instead, as a loaded base is: its weights may stay cast or moved,
+    and no second copy is kept (the LoRA layers are still taken out).
     """
     cfg = config
     cfg.validate()
@@ -157,7 +160,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
     # Frozen weights in the mixed-precision dtype (cast_frozen_weights), the LoRA weights fp32 (below); a pipeline
     # passed in gets its own tensors back at the end.
-    placement = Placement(device, keep_originals=pipeline is not None)
+    placement = Placement(device, keep_originals=pipeline is not None and give_back)
     offloader = Offloader(device, cfg.offload_cached_models)
     dtypes = frozen_dtypes(str(accelerator.mixed_precision), cfg.cast_frozen_weights, pipe.unet, pipe.vae, encoders,
                            sdxl)

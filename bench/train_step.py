@@ -6,7 +6,8 @@ to_q/to_k/to_v/to_out.0 through ``unet.add_adapter`` (alpha = rank, Gaussian ini
 grad-norm clip 1.0, and every step: decode + resize + crop + flip the images, VAE-encode them
 (``latent_dist.sample()``), run the text encoder(s), one UNet forward/backward. No caching.
 
-Ours is ``lora_studio.train.train`` on the same fp32 pipeline, with its speed switches (all defaults but
+Ours is ``lora_studio.train.train`` on the same fp32 pipeline, handed over (``give_back=False``, as the
+baseline owns its pipeline), with its speed switches (all defaults but
 compile): latents and every caption's text states encoded once before the first step (excluded from steps/s,
 reported as setup seconds), frozen weights cast to the mixed-precision dtype with fp32 LoRA weights
 (``cast_frozen_weights``), SDPA attention (diffusers' default processor), and on CUDA a channels-last UNet

@@ -241,12 +241,15 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
     if fmt == "diffusers" and not isinstance(base, (str, os.PathLike)):
         raise ConfigError("a diffusers-folder export needs the base model's path (the model is loaded afresh and "
                           "converted in place); pass the path instead of a loaded pipeline.")
-    if fmt == "single_file" and isinstance(base, (str, os.PathLike)) and Path(base).suffix.lower() == ".safetensors" \
-            and Path(base).is_file():
-        from .export_stream import NotStreamable, stream_merged_checkpoint  # the low-memory path
+    if fmt == "single_file" and isinstance(base, (str, os.PathLike)):
+        from .export_stream import NotStreamable, stream_folder_checkpoint, stream_merged_checkpoint
 
-        try:
-            return stream_merged_checkpoint(Path(base), loras, out, torch_dtype, dtype, config_dir, progress, stop)
+        path = Path(base)
+        try:  # the low-memory paths (see export_stream)
+            if path.suffix.lower() == ".safetensors" and path.is_file():
+                return stream_merged_checkpoint(path, loras, out, torch_dtype, dtype, config_dir, progress, stop)
+            if path.is_dir() and (path / "model_index.json").is_file():
+                return stream_folder_checkpoint(path, loras, out, torch_dtype, dtype, progress, stop)
         except NotStreamable as why:  # raised before anything is written: load the model instead
             report(progress, "load", 0, 1, f"cannot stream this export ({why}); loading the whole model")
     t0 = time.monotonic()

@@ -1,5 +1,8 @@
 """Merged single-file export that streams: read one tensor, merge, convert, write it; never the whole model.
 
+(The same for a diffusers-folder base, ``stream_folder_checkpoint`` at the end: its component files are renamed
+into the single-file layout tensor by tensor.)
+
 For a single-file ``.safetensors`` base written to a single file (the common case: a Civitai checkpoint plus
 LoRAs, out as one file for AUTOMATIC1111 or ComfyUI) nothing needs the model as a whole. The LoRAs are matched
 on an empty *skeleton* of the model (its modules built from the config files on torch's ``meta`` device: names
@@ -21,6 +24,7 @@ Written by hand: neither diffusers nor safetensors merges or writes tensor by te
 from __future__ import annotations
 
 import importlib
+import math
 import json
 import time
 from pathlib import Path
@@ -186,6 +190,164 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
                                       "written.")
                 report(progress, "write", i, len(layout), key)
                 yield t
+
+    report(progress, "write", 0, len(layout), str(out))
+    size = write_safetensors_streamed(out, layout, produce(), meta)
+    return ExportResult(out, "single_file", dtype_name, family, records, len(plan), time.monotonic() - t0, size)
+
+
+# --------------------------------------------------------------------------- a diffusers folder as the base
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
+
+
+def _component_sources(folder: Path, comp: str) -> dict[str, tuple[Path, dict]]:
+    """Every tensor of one component's weight file(s): name -> (file, header entry). Reads a single
+    ``<name>.safetensors`` or a sharded one (``<name>.safetensors.index.json``); anything else (only ``.bin``
+    pickles, only an ``fp16`` variant) is ``NotStreamable``, and loading the folder says what is wrong."""
+    base = folder / comp / WEIGHT_NAMES[comp]
+    single, index = base.with_suffix(".safetensors"), base.with_name(base.name + ".safetensors.index.json")
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise NotStreamable(f"{index} cannot be read ({err})") from err
+        files = [index.parent / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise NotStreamable(f"{folder / comp} has no {single.name}")
+    out: dict[str, tuple[Path, dict]] = {}
+    for f in files:
+        header, _ = read_safetensors_header(f)
+        out.update({k: (f, v) for k, v in header.items()})
+    return out
+
+
+def _folder_recipes(folder: Path, skeleton, family: Family) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
+    """Single-file key -> how to build it from the folder's tensors: ``("copy", comp, name, shape)``,
+    ``("cat", comp, [q, k, v], shape)`` (OpenCLIP's fused projection) or ``("t", comp, name, shape)`` (its
+    transposed text_projection); plus the small tensors the folder has no file entry for (CLIP position ids,
+    OpenCLIP's logit scale), made as ``pipeline_to_ldm_state_dict`` makes them. Shapes are checked against the
+    skeleton's state dict renamed by that same function."""
+    from .ldm.text import OPENCLIP_LOGIT_SCALE
+
+    expected = pipeline_to_ldm_state_dict(skeleton, family, pad_sd2_text_encoder=False)
+    vae_up = len(skeleton.vae.decoder.up_blocks)
+    recipes: dict[str, tuple] = {}
+    fused: dict[str, list] = {}
+    sources: dict[str, dict[str, tuple[Path, dict]]] = {}
+    for comp in SKELETON_PARTS:
+        if getattr(skeleton, comp, None) is None:
+            continue
+        sources[comp] = _component_sources(folder, comp)
+        for name in sources[comp]:
+            loc = ldm_location(family, comp, name, skeleton.unet.config, vae_up)
+            if loc is None:
+                if name == "text_projection.weight" and comp in ("text_encoder", "text_encoder_2"):
+                    key = next((k for k in expected if k.endswith("text_projection")), None)
+                    if key is not None:
+                        recipes[key] = ("t", comp, name)
+                continue  # e.g. an OpenCLIP encoder's position_ids buffer: the layout has no place for it
+            if loc.part is None:
+                recipes[loc.key] = ("copy", comp, name)
+            else:
+                fused.setdefault(loc.key, [None, None, None])[loc.part] = name
+                recipes[loc.key] = ("cat", comp, fused[loc.key])
+    made: dict[str, torch.Tensor] = {}
+    for key, t in expected.items():
+        if key in recipes:
+            continue
+        if key.endswith("position_ids") and not t.is_meta:
+            made[key] = t
+        elif key.endswith("logit_scale"):
+            made[key] = torch.tensor(OPENCLIP_LOGIT_SCALE, dtype=torch.float32)
+        else:
+            raise NotStreamable(f"{folder} has no tensor for {key}")
+    extra = sorted(set(recipes) - set(expected))
+    if extra or any(r[0] == "cat" and None in r[2] for r in recipes.values()):
+        raise NotStreamable(f"{folder} holds tensors with no place in the layout ({', '.join(extra[:3])})")
+    out: dict[str, tuple] = {}
+    for key, (kind, comp, names) in recipes.items():
+        entries = [sources[comp][n] for n in (names if kind == "cat" else [names])]
+        rows = sum(e[1]["shape"][0] for e in entries) if kind == "cat" else None
+        got = [rows, *entries[0][1]["shape"][1:]] if kind == "cat" else entries[0][1]["shape"][::-1 if kind == "t" else 1]
+        want = list(expected[key].shape)
+        if math.prod(got) != math.prod(want) or (kind != "copy" and list(got) != want):
+            raise InputFileError(f"{folder}: {comp} tensor(s) {names} have shape {got}, but the model's configs give "
+                                 f"{want} for {key}. The folder's weights do not fit its configs.")
+        out[key] = (kind, entries, tuple(want))
+    return out, made
+
+
+def _assemble(kind: str, entries: list, shape: tuple, handles: dict) -> torch.Tensor:
+    def read(entry):
+        path, info = entry
+        fh = handles[path]
+        return read_safetensors_tensor(fh["file"], fh["start"], info)
+
+    if kind == "cat":
+        return torch.cat([read(e) for e in entries], dim=0)
+    t = read(entries[0])
+    return t.T.contiguous() if kind == "t" else t.reshape(shape)
+
+
+def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.dtype, dtype_name: str,
+                             progress: ProgressCallback | None = None, stop: StopFlag | None = None):
+    """Like ``stream_merged_checkpoint`` for a diffusers folder base: its component files are renamed into the
+    single-file layout tensor by tensor (what ``pipeline_to_ldm_state_dict`` does to a loaded pipeline) and merged
+    on the way. SD 2's cut-down text encoder (which the layout pads with an identity block) and folders in other
+    shapes raise ``NotStreamable``."""
+    from .export import ExportResult, _mixer_on, _records, checkpoint_metadata
+    from .family import family_of_pipeline
+    from .ldm import SD2_FULL_TEXT_LAYERS
+
+    t0 = time.monotonic()
+    report(progress, "load", 0, 1, str(folder))
+    skeleton = skeleton_pipeline(folder)
+    family = family_of_pipeline(skeleton)
+    te = skeleton.text_encoder
+    if family is Family.SD2 and int(te.config.num_hidden_layers) == SD2_FULL_TEXT_LAYERS - 1:
+        raise NotStreamable("SD 2's text encoder is written with an added identity block")
+    recipes, made = _folder_recipes(folder, skeleton, family)
+    report(progress, "load", 1, 1, str(folder))
+
+    mixer = _mixer_on(skeleton, loras)
+    plan = mixer.contributions()
+    targets = _targets(plan, skeleton, family)
+    records = _records(mixer)
+    meta = checkpoint_metadata({}, family, out.stem, records, dtype_name, folder.name)
+    stored = {k: TORCH_DTYPES.get(e[1][0][1]["dtype"]) for k, e in recipes.items()}
+    stored.update({k: t.dtype for k, t in made.items()})
+    if any(d is None for d in stored.values()):
+        raise NotStreamable(f"{folder} holds tensors of a dtype the stream does not read")
+    shapes = {**{k: r[2] for k, r in recipes.items()}, **{k: tuple(t.shape) for k, t in made.items()}}
+    layout = sorted(((k, _out_dtype(stored[k], torch_dtype), shapes[k]) for k in stored),
+                    key=lambda e: (-e[1].itemsize, e[0]))
+
+    def produce():
+        files = sorted({e[0] for r in recipes.values() for e in r[1]})
+        handles = {}
+        try:
+            for f in files:
+                fh = open(f, "rb")
+                handles[f] = {"file": fh, "start": 8 + int.from_bytes(fh.read(8), "little")}
+            for i, (key, dtype, shape) in enumerate(layout, 1):
+                if stop is not None and stop.requested:
+                    raise StopRequested(f"export to {out} stopped on request; nothing was written.")
+                t = made[key] if key in made else _assemble(recipes[key][0], recipes[key][1], shape, handles)
+                if key in targets:
+                    t = _merged(t, targets[key], key)
+                t = t.to(dtype)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ExportError(f"refusing to write {out}: merged tensor {key} holds NaN or inf. Lower the "
+                                      "LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was "
+                                      "written.")
+                report(progress, "write", i, len(layout), key)
+                yield t
+        finally:
+            for h in handles.values():
+                h["file"].close()
 
     report(progress, "write", 0, len(layout), str(out))
     size = write_safetensors_streamed(out, layout, produce(), meta)

@@ -238,3 +238,31 @@ def test_a_bf16_base_streams_to_fp32_and_fp16_like_the_in_memory_export(tmp_path
         in_memory = export_merged_checkpoint(loaded, loras, tmp_path / f"m-{dtype}.safetensors", dtype=dtype)
         got, want = _tensors(streamed.out), _tensors(in_memory.out)
         assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want), dtype
+
+
+@pytest.mark.parametrize("family", [Family.SD1, Family.SD2, Family.SDXL], ids=lambda f: f.value)
+def test_a_diffusers_folder_base_streams_like_the_in_memory_export(family, tmp_path, monkeypatch):
+    """A diffusers folder exported to one file: renamed and merged tensor by tensor, equal to the in-memory export
+    (which loads the folder and renames the whole pipeline), with the folder's weights sharded or not."""
+    import lora_studio.export as export
+    from lora_studio.models import load_pipeline
+
+    pipe = tiny_pipeline(family)
+    folder = tmp_path / "base"
+    pipe.save_pretrained(folder, safe_serialization=True,
+                         **({"max_shard_size": "200KB"} if family is Family.SD1 else {}))
+    if family is Family.SD1:
+        assert list((folder / "unet").glob("*.index.json"))  # sharded: read through the index
+    mods = make_lora(pipe, tmp_path / "a.safetensors", seed=1)
+    loras = [(tmp_path / "a.safetensors", 0.8)]
+    calls = []
+    real_load = export._load_base
+    monkeypatch.setattr(export, "_load_base", lambda *a: calls.append(a) or real_load(*a))
+    streamed = export.export_merged_checkpoint(str(folder), loras, tmp_path / "s.safetensors", dtype="fp16")
+    assert calls == [] and streamed.modules_changed == len(mods)
+    in_memory = export.export_merged_checkpoint(load_pipeline(str(folder)), loras, tmp_path / "m.safetensors",
+                                                dtype="fp16")
+    got, want = _tensors(streamed.out), _tensors(in_memory.out)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

@@ -6,7 +6,7 @@ The single file uses the original (ldm) layout that AUTOMATIC1111 and ComfyUI lo
 the output dtype *in place*, module by module, so the peak stays near one fp32 copy of the model; every tensor
 is checked with ``isfinite`` after conversion (fp16 overflow shows up there) before anything is written.
 
-A single-file ``.safetensors`` base exported to a single file takes the streamed path instead
+A single-file ``.safetensors`` or diffusers-folder base exported to a single file takes the streamed path instead
 (``export_stream``): same arithmetic, same bytes, but one tensor at a time, so the peak is a fraction of the
 checkpoint's size rather than a whole fp32 model plus the file.
 
@@ -206,8 +206,8 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                              progress: ProgressCallback | None = None, stop: StopFlag | None = None) -> ExportResult:
     """Fuse ``loras`` into ``base`` and write ``out``.
 
-    ``base`` is a model path or "demo" (a single-file ``.safetensors`` written to a single file is streamed
-    tensor by tensor, ``export_stream``; anything else is loaded here with ``models.load_pipeline`` in fp32, then
+    ``base`` is a model path or "demo" (a single-file ``.safetensors`` or a diffusers folder written to a single
+    file is streamed tensor by tensor, ``export_stream``; anything else is loaded here with ``models.load_pipeline`` in fp32, then
     consumed: merged and converted in place, which keeps the peak near one copy of the model) or an already loaded pipeline /
     ``LoadedModel`` (left as it was: the merged layers are restored after writing, and the dtype conversion
     copies tensor by tensor). ``loras`` is a list of (path, strength) or a ``LoraMixer`` (the UI's live mix: its

@@ -137,6 +137,23 @@ def _out_dtype(stored: torch.dtype, want: torch.dtype) -> torch.dtype:
     return want if stored.is_floating_point else stored
 
 
+def _finished(layout, read, targets: dict, out: Path, progress: ProgressCallback | None, stop: StopFlag | None):
+    """The output tensors in ``layout`` order: ``read(key, shape)``, the LoRA deltas added where ``targets`` says,
+    cast to the output dtype, checked finite (fp16 overflow), with progress and the stop request checked."""
+    for i, (key, dtype, shape) in enumerate(layout, 1):
+        if stop is not None and stop.requested:
+            raise StopRequested(f"export to {out} stopped on request; nothing was written.")
+        t = read(key, shape)
+        if key in targets:
+            t = _merged(t, targets[key], key)
+        t = t.to(dtype)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ExportError(f"refusing to write {out}: merged tensor {key} holds NaN or inf. Lower the LoRA "
+                              "strengths, or export in fp32/bf16 if fp16 overflowed; nothing was written.")
+        report(progress, "write", i, len(layout), key)
+        yield t
+
+
 def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dtype, dtype_name: str,
                              config_dir: Path | None, progress: ProgressCallback | None = None,
                              stop: StopFlag | None = None):
@@ -177,19 +194,8 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
     def produce():
         with open(base, "rb") as fh:
             data_start = 8 + int.from_bytes(fh.read(8), "little")
-            for i, (key, dtype, _) in enumerate(layout, 1):
-                if stop is not None and stop.requested:
-                    raise StopRequested(f"export to {out} stopped on request; nothing was written.")
-                t = read_safetensors_tensor(fh, data_start, header[key])
-                if key in targets:
-                    t = _merged(t, targets[key], key)
-                t = t.to(dtype)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ExportError(f"refusing to write {out}: merged tensor {key} holds NaN or inf. Lower the "
-                                      "LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was "
-                                      "written.")
-                report(progress, "write", i, len(layout), key)
-                yield t
+            yield from _finished(layout, lambda key, shape: read_safetensors_tensor(fh, data_start, header[key]),
+                                 targets, out, progress, stop)
 
     report(progress, "write", 0, len(layout), str(out))
     size = write_safetensors_streamed(out, layout, produce(), meta)
@@ -332,19 +338,9 @@ def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.
             for f in files:
                 fh = open(f, "rb")
                 handles[f] = {"file": fh, "start": 8 + int.from_bytes(fh.read(8), "little")}
-            for i, (key, dtype, shape) in enumerate(layout, 1):
-                if stop is not None and stop.requested:
-                    raise StopRequested(f"export to {out} stopped on request; nothing was written.")
-                t = made[key] if key in made else _assemble(recipes[key][0], recipes[key][1], shape, handles)
-                if key in targets:
-                    t = _merged(t, targets[key], key)
-                t = t.to(dtype)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ExportError(f"refusing to write {out}: merged tensor {key} holds NaN or inf. Lower the "
-                                      "LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was "
-                                      "written.")
-                report(progress, "write", i, len(layout), key)
-                yield t
+            yield from _finished(layout, lambda key, shape: made[key] if key in made else
+                                 _assemble(recipes[key][0], recipes[key][1], shape, handles),
+                                 targets, out, progress, stop)
         finally:
             for h in handles.values():
                 h["file"].close()

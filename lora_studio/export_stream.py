@@ -137,6 +137,23 @@ def _out_dtype(stored: torch.dtype, want: torch.dtype) -> torch.dtype:
     return want if stored.is_floating_point else stored
 
 
+def _layout(stored: dict[str, torch.dtype], shapes: dict[str, tuple], want: torch.dtype) -> list[tuple]:
+    """(name, output dtype, shape) of every output tensor, in the safetensors library's own order: wider dtypes
+    first (keeps every tensor aligned), then by name."""
+    return sorted(((k, _out_dtype(d, want), shapes[k]) for k, d in stored.items()), key=lambda e: (-e[1].itemsize, e[0]))
+
+
+def _merge_plan(skeleton, family: Family, loras, base_meta: dict, out: Path, dtype_name: str, base_name: str):
+    """The LoRAs matched on the skeleton: (layers changed, checkpoint key -> targets, records, file metadata)."""
+    from .export import _mixer_on, _records, checkpoint_metadata
+
+    mixer = _mixer_on(skeleton, loras)
+    plan = mixer.contributions()
+    records = _records(mixer)
+    meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base_name)
+    return len(plan), _targets(plan, skeleton, family), records, meta
+
+
 def _finished(layout, read, targets: dict, out: Path, progress: ProgressCallback | None, stop: StopFlag | None):
     """The output tensors in ``layout`` order: ``read(key, shape)``, the LoRA deltas added where ``targets`` says,
     cast to the output dtype, checked finite (fp16 overflow), with progress and the stop request checked."""
@@ -161,35 +178,26 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
     write ``out`` tensor by tensor (see the module docstring). Returns an ``export.ExportResult``; raises
     ``NotStreamable`` (before writing anything) when the export needs the in-memory path."""
     from .configs import config_dir as shipped_config_dir
-    from .export import ExportResult, _mixer_on, _records, checkpoint_metadata
+    from .export import ExportResult
+    from .models import _check_config_dir
 
     t0 = time.monotonic()
     report(progress, "load", 0, 1, str(base))
     header, base_meta = read_safetensors_header(base)
     family = detect_family_from_ldm_keys(header, str(base))
-    cfg = Path(config_dir) if config_dir else shipped_config_dir(family)
-    if not (cfg / "model_index.json").is_file():
-        raise InputFileError(f"config folder {cfg} has no model_index.json. Give a diffusers model folder "
-                             f"(weights not needed) whose configs match this {family.label} checkpoint.")
+    cfg = _check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
     skeleton = skeleton_pipeline(cfg)
     _check_skeleton(header, skeleton, family, str(base), cfg)
     report(progress, "load", 1, 1, str(base))
 
-    mixer = _mixer_on(skeleton, loras)
-    plan = mixer.contributions()
-    targets = _targets(plan, skeleton, family)
-    records = _records(mixer)
-    meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base.name)
-
+    n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, base_meta, out, dtype_name, base.name)
     keys = [k for k in header if not k.startswith(DROPPED_PREFIXES)]
     stored = {k: TORCH_DTYPES.get(header[k]["dtype"]) for k in keys}
     unreadable = [k for k, d in stored.items() if d is None]
     if unreadable:
         raise NotStreamable(f"{base} holds tensors of dtype {header[unreadable[0]]['dtype']} "
                             f"(e.g. {unreadable[0]})")
-    # the safetensors library's own order: wider dtypes first (keeps every tensor aligned), then by name
-    layout = sorted(((k, _out_dtype(stored[k], torch_dtype), tuple(header[k]["shape"])) for k in keys),
-                    key=lambda e: (-e[1].itemsize, e[0]))
+    layout = _layout(stored, {k: tuple(header[k]["shape"]) for k in keys}, torch_dtype)
 
     def produce():
         with open(base, "rb") as fh:
@@ -199,7 +207,7 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
 
     report(progress, "write", 0, len(layout), str(out))
     size = write_safetensors_streamed(out, layout, produce(), meta)
-    return ExportResult(out, "single_file", dtype_name, family, records, len(plan), time.monotonic() - t0, size)
+    return ExportResult(out, "single_file", dtype_name, family, records, n_changed, time.monotonic() - t0, size)
 
 
 # --------------------------------------------------------------------------- a diffusers folder as the base
@@ -304,7 +312,7 @@ def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.
     single-file layout tensor by tensor (what ``pipeline_to_ldm_state_dict`` does to a loaded pipeline) and merged
     on the way. SD 2's cut-down text encoder (which the layout pads with an identity block) and folders in other
     shapes raise ``NotStreamable``."""
-    from .export import ExportResult, _mixer_on, _records, checkpoint_metadata
+    from .export import ExportResult
     from .family import family_of_pipeline
     from .ldm import SD2_FULL_TEXT_LAYERS
 
@@ -318,18 +326,13 @@ def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.
     recipes, made = _folder_recipes(folder, skeleton, family)
     report(progress, "load", 1, 1, str(folder))
 
-    mixer = _mixer_on(skeleton, loras)
-    plan = mixer.contributions()
-    targets = _targets(plan, skeleton, family)
-    records = _records(mixer)
-    meta = checkpoint_metadata({}, family, out.stem, records, dtype_name, folder.name)
+    n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, {}, out, dtype_name, folder.name)
     stored = {k: TORCH_DTYPES.get(e[1][0][1]["dtype"]) for k, e in recipes.items()}
     stored.update({k: t.dtype for k, t in made.items()})
     if any(d is None for d in stored.values()):
         raise NotStreamable(f"{folder} holds tensors of a dtype the stream does not read")
     shapes = {**{k: r[2] for k, r in recipes.items()}, **{k: tuple(t.shape) for k, t in made.items()}}
-    layout = sorted(((k, _out_dtype(stored[k], torch_dtype), shapes[k]) for k in stored),
-                    key=lambda e: (-e[1].itemsize, e[0]))
+    layout = _layout(stored, shapes, torch_dtype)
 
     def produce():
         files = sorted({e[0] for r in recipes.values() for e in r[1]})
@@ -347,4 +350,4 @@ def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.
 
     report(progress, "write", 0, len(layout), str(out))
     size = write_safetensors_streamed(out, layout, produce(), meta)
-    return ExportResult(out, "single_file", dtype_name, family, records, len(plan), time.monotonic() - t0, size)
+    return ExportResult(out, "single_file", dtype_name, family, records, n_changed, time.monotonic() - t0, size)

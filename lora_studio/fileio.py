@@ -192,7 +192,7 @@ def write_safetensors_streamed(path: str | os.PathLike, layout: list[tuple[str, 
     for name, dtype, shape in layout:
         if dtype not in SAFETENSORS_NAMES:
             raise ExportError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors.")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -7,8 +7,9 @@ trainer and the mixer do only on CUDA:
   compiled (``compile_unet``), each with channels-last, fused AdamW and the VAE/text encoder offloaded after
   caching: the losses are finite, the LoRA file is written with non-zero up weights, and the passed-in fp32
   CPU pipeline gets every weight back bit for bit (``give_back=True``, the default);
-* ``LoraMixer`` on a CUDA pipeline writes the same fp32 weights as on the CPU (to fp32 rounding), and
-  ``restore`` puts W0 back exactly.
+* ``LoraMixer`` on a CUDA pipeline, with W0 kept on the GPU and kept in CPU memory, writes the same fp32
+  weights as on the CPU (to fp32 rounding), also after a strength change, and ``restore`` puts W0 back
+  exactly.
 
     python bench/cuda_check.py
 """
@@ -85,24 +86,31 @@ def check_mixer(tmp: Path) -> str:
     cpu_pipe = demo_pipeline()
     path = tmp / "random.safetensors"
     write_attention_lora(cpu_pipe, path, rank=8)  # random factors on every attention projection, kohya keys
+    mixer = LoraMixer(cpu_pipe)
+    mixer.add(path, strength=0.7)
+    mixer.apply()
+    want = {k: v.detach().float() for k, v in cpu_pipe.unet.state_dict().items()}
     gpu_pipe = demo_pipeline().to(DEVICE)
     w0 = {k: v.clone() for k, v in gpu_pipe.unet.state_dict().items()}
-    results = []
-    for pipe in (cpu_pipe, gpu_pipe):
-        mixer = LoraMixer(pipe)
-        mixer.add(path, strength=0.7)
-        mixer.apply()
-        results.append({k: v.detach().float().cpu() for k, v in pipe.unet.state_dict().items()})
-        if pipe is gpu_pipe:
-            mixer.restore()
-    changed = [k for k in results[0] if not torch.equal(results[0][k], w0[k].cpu())]
+    changed = [k for k in want if not torch.equal(want[k], w0[k].float().cpu())]
     assert changed, "the LoRA changed no weight"
-    worst = max((results[0][k] - results[1][k]).abs().max().item() / max(1e-12, results[0][k].abs().max().item())
-                for k in changed)
-    assert worst < 1e-5, f"CUDA and CPU weights differ by {worst:.2e} (relative to each weight's max)"
-    problem = _same(w0, gpu_pipe.unet.state_dict())
-    assert problem is None, f"restore on CUDA: {problem}"
-    return f"{len(changed)} weights changed; CUDA vs CPU worst relative difference {worst:.1e}; restore exact"
+    said = []
+    for keep in (True, False):  # W0 kept on the GPU, and kept in CPU memory
+        mixer = LoraMixer(gpu_pipe, keep_originals_on_device=keep)
+        mixer.add(path, strength=0.3)
+        mixer.apply()
+        mixer.set_strength(mixer.entries[0].name, 0.7)
+        mixer.apply()  # a strength change: from the kept originals, wherever they are
+        where = {w.device.type for w in mixer._originals.values()}
+        assert where == {DEVICE if keep else "cpu"}, f"keep_originals_on_device={keep}: originals on {where}"
+        got = {k: v.detach().float().cpu() for k, v in gpu_pipe.unet.state_dict().items()}
+        worst = max((want[k] - got[k]).abs().max().item() / max(1e-12, want[k].abs().max().item()) for k in changed)
+        assert worst < 1e-5, f"GPU and CPU weights differ by {worst:.2e} (relative to each weight's max)"
+        mixer.restore()
+        problem = _same(w0, gpu_pipe.unet.state_dict())
+        assert problem is None, f"restore (keep_originals_on_device={keep}): {problem}"
+        said.append(f"originals on {'the GPU' if keep else 'the CPU'}: worst relative difference {worst:.1e}")
+    return f"{len(changed)} weights changed; " + "; ".join(said) + "; restore exact"
 
 
 def main() -> int:

@@ -419,3 +419,45 @@ def test_layers_the_fast_path_cannot_take_still_merge(tmp_path, pipe, monkeypatc
     mixer.add(write_lokr(tmp_path / "k.safetensors", pipe), strength=0.5)
     mixer.apply()
     assert "lokr" in used  # (layers both files touch take module_delta for both terms)
+
+
+def test_originals_stay_on_a_gpu_only_with_room_to_spare(monkeypatch):
+    """W0 stays on a CUDA device (no copy to the host and back on each apply) only while a second copy of the
+    touched weights leaves the rendering reserve free; PyTorch's cached-but-unused memory counts as free."""
+    from lora_studio import mix
+
+    gib = 2**30
+    state = {"free": 30 * gib, "total": 80 * gib, "reserved": 0, "allocated": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], state["total"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    cuda = torch.device("cuda", 0)
+    # an 80 GiB card keeps a quarter (20 GiB) free
+    assert mix.originals_fit_on_device(cuda, 5 * gib)
+    assert not mix.originals_fit_on_device(cuda, 11 * gib)
+    state.update(reserved=3 * gib, allocated=1 * gib)  # 2 GiB cached by PyTorch, free to reuse
+    assert mix.originals_fit_on_device(cuda, 11 * gib)
+    # an 8 GiB card keeps 3 GiB free (more than a quarter)
+    state.update(free=4 * gib, total=8 * gib, reserved=0, allocated=0)
+    assert mix.originals_fit_on_device(cuda, gib // 2)
+    assert not mix.originals_fit_on_device(cuda, 3 * gib // 2)
+    # the CPU always keeps them in place; a device whose free memory cannot be asked never does
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("asked the GPU for the CPU"))
+    assert mix.originals_fit_on_device(torch.device("cpu"), 100 * gib)
+    assert not mix.originals_fit_on_device(torch.device("mps"), 1)
+
+
+def test_the_keep_originals_option_decides_per_device_and_the_cpu_keeps_in_place(pipe, monkeypatch):
+    from lora_studio import mix
+
+    params = [torch.nn.Parameter(torch.zeros(4, 4)) for _ in range(2)]
+    monkeypatch.setattr(mix, "originals_fit_on_device", lambda dev, n: pytest.fail("asked about the CPU"))
+    for option in (None, True, False):  # the CPU never copies its originals, whatever the option says
+        assert LoraMixer(pipe, keep_originals_on_device=option)._in_place(params) == {torch.device("cpu"): True}
+    asked = []
+    monkeypatch.setattr(mix, "originals_fit_on_device", lambda dev, n: asked.append((dev, n)) or False)
+    meta = [torch.nn.Parameter(torch.zeros(4, 4, device="meta")), torch.nn.Parameter(torch.zeros(2, 8, device="meta"))]
+    assert LoraMixer(pipe)._in_place(meta) == {torch.device("meta"): False}
+    assert asked == [(torch.device("meta"), 2 * 16 * 4)]  # one question per device, for all its bytes
+    assert LoraMixer(pipe, keep_originals_on_device=True)._in_place(meta) == {torch.device("meta"): True}
+    assert len(asked) == 1

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ExportError, InputFileError, StopRequested
+from .finite import nonfinite_names
 from .export_lora import ResizeReport, extract_lora, file_sha256, merge_loras, parse_dtype, resize_lora
 from .family import Family, family_of_pipeline
 from .fileio import atomic_dir, read_safetensors_header, save_safetensors_atomic
@@ -168,7 +169,7 @@ def _check_stop(stop: StopFlag | None, out: Path) -> None:
 
 
 def _check_finite(tensors, where: str) -> None:
-    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = nonfinite_names(tensors)
     if bad:
         raise ExportError(f"refusing to write {where}: {len(bad)} merged tensors hold NaN or inf (e.g. {bad[0]}). "
                           "Lower the LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was written.")

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError, ExportError, LoraFormatError
+from .finite import nonfinite_names
 from .family import Family, family_from_metadata
 from .lora.formats import LoraModule
 from .lora.writer import kohya_metadata, save_kohya_lora
@@ -168,7 +169,7 @@ def _out_metadata(source: dict[str, str], family: Family, out: Path, modules: di
 
 
 def _write(modules: dict[str, LoraModule], out: Path, meta: dict[str, str], dtype: torch.dtype | None) -> None:
-    bad = [k for k, m in modules.items() if not all(torch.isfinite(t).all() for t in m.tensors.values())]
+    bad = [k for k, m in modules.items() if nonfinite_names(m.tensors.items())]
     if bad:
         raise ExportError(f"refusing to write {out}: {len(bad)} modules have non-finite weights (e.g. {bad[0]}). "
                           "Lower the strengths or check the inputs; nothing was written.")

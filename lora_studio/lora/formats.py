@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 
 from ..errors import FamilyMismatchError, LoraFormatError
+from ..finite import nonfinite_names
 from ..family import Family, family_from_context_dim, family_from_metadata
 from ..fileio import load_safetensors, refuse_pickle
 from .keys import (KOHYA_PREFIXES, cloneofsimo_text_names, cloneofsimo_unet_names, component_of_kohya_name,
@@ -129,8 +130,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     else:
         raise _fail(p, "no key follows a known LoRA scheme (kohya 'lora_unet_'/'lora_te_' or diffusers/peft "
                        "'unet.'/'text_encoder.' with lora_A/lora_B); first keys", sorted(keys))
-    nonfinite = [f"{m.name}.{s}" for m in modules.values() for s, t in m.tensors.items()
-                 if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    nonfinite = nonfinite_names((f"{m.name}.{s}", t) for m in modules.values() for s, t in m.tensors.items())
     if nonfinite:
         raise _fail(p, "non-finite weights (NaN or inf); the file is broken, download or export it again",
                     nonfinite)

@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 
 from ..errors import TrainingError
+from ..finite import all_finite
 from ..family import Family
 from ..fileio import atomic_path, load_safetensors, save_safetensors_atomic, write_text_atomic
 from ..lora.formats import LoraModule
@@ -85,7 +86,7 @@ def write_lora(modules: Mapping[str, LoraModule], path: Path, metadata: Mapping[
     """Write the kohya file (atomically), refusing non-finite weights."""
     for name, mod in modules.items():
         for suffix, t in mod.tensors.items():
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise TrainingError(f"{name}.{suffix} holds NaN/inf values; not writing {path}. "
                                     "Lower the learning rate or use mixed_precision 'no' / 'bf16'.")
     save_kohya_lora(modules, path, metadata, dtype=SAVE_DTYPES[save_precision])

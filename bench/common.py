@@ -116,6 +116,51 @@ def measured_matmul_tflops(device: str = "cuda", n: int = 8192, iters: int = 20)
     return rate
 
 
+class StepProfiler:
+    """``torch.profiler`` over ``steps`` training steps that follow the first ``start`` (call ``after_step``
+    with the number of steps done after each one), then ``summary()``: per step, the wall time, the time
+    the GPU spent in kernels and copies, how many it ran, and how many aten calls the CPU made (nested calls
+    included, so ``aten::linear`` and the ``aten::addmm`` it makes count twice). A step
+    whose wall time is far above its GPU time is bound by the CPU (Python, dispatch, launches), not the GPU.
+    The profiled steps come after the timed ones, so profiling never touches steps/s."""
+
+    def __init__(self, device: str, start: int, steps: int):
+        self.device, self.start, self.steps = device, start, steps
+        self._prof, self._t0, self.wall = None, 0.0, 0.0
+
+    def after_step(self, done: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.steps <= 0 or done not in (self.start, self.start + self.steps):
+            return
+        sync(self.device)  # the window holds exactly the profiled steps' GPU work
+        if done == self.start:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+            self._t0 = time.perf_counter()
+        else:
+            self.wall = time.perf_counter() - self._t0
+            self._prof.__exit__(None, None, None)
+
+    def summary(self, top: int = 5) -> dict | None:
+        if self._prof is None or not self.wall:
+            return None
+        from torch.autograd import DeviceType
+
+        events = self._prof.key_averages()
+        gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+        n = self.steps
+        busy = sum(e.self_device_time_total for e in gpu) / 1e3 / n
+        return {"step_ms": 1e3 * self.wall / n,
+                "gpu_busy_ms": busy if gpu else None,
+                "gpu_ops": sum(e.count for e in gpu) / n if gpu else None,
+                "aten_ops": sum(e.count for e in events if e.device_type == DeviceType.CPU
+                                and e.key.startswith("aten::")) / n,
+                "top_gpu": [(e.key[:70], e.self_device_time_total / 1e3 / n)
+                            for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:top]]}
+
+
 # --------------------------------------------------------------------------- workers
 def emit(result: dict) -> None:
     """A worker's last word: one tagged JSON line on stdout."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU sizes of the benchmarks, then bench/cuda_check.py, in one device-tool call (issue 7): under 10 minutes.
+# bench/cuda_check.py and the GPU sizes of the benchmarks in one device-tool call (issue 7): under 10 minutes.
 #
 # The device machine's image has torch, transformers, accelerate and safetensors but not diffusers (see
 # /work/.library/device/KINDS.md), so carry diffusers, its missing needs and the peft this project tests with as
@@ -39,11 +39,18 @@ run() {  # name, seconds, script and arguments; the limit shrinks to what is lef
     echo "== $(date -u) (+$(( $(date +%s) - START )) s) $name: python3 $*" | tee "$OUT/$name.txt"
     timeout "$limit" python3 "$@" 2>&1 | grep -v -i "warn" | tee -a "$OUT/$name.txt"
 }
-run smoke 90 bench/train_step.py --size tiny --batches 1 --warmup 1 --steps 2 --repeat 1 --precision bf16 || exit 1
-grep -q "^RATIO" "$OUT/smoke.txt" || { echo "smoke run printed no ratio line: stopping"; exit 1; }
-run train_sd15 240 bench/train_step.py --size "$(size sd15)" --repeat 2
-run mix_sd15_cuda 70 bench/mix_apply.py --size "$(size sd15)" --repeat 3 --dtype bf16 --device "$([ "${SMOKE:-0}" = 1 ] && echo cpu || echo cuda)"
-run train_sdxl_b1 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 1
-run train_sdxl_b2 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 2
-run cuda_check 120 bench/cuda_check.py $([ "${SMOKE:-0}" = 1 ] && echo --dry-run)
+# In priority order: what this session's changes need checked first. The DEADLINE cuts the tail if the machine is
+# slow; RUNS="smoke mix_sd15_cuda" (names below) runs only those.
+want() { [ -z "${RUNS:-}" ] || [[ " $RUNS " == *" $1 "* ]]; }
+dev=$([ "${SMOKE:-0}" = 1 ] && echo cpu || echo cuda)
+if want smoke; then
+    run smoke 90 bench/train_step.py --size tiny --batches 1 --warmup 1 --steps 2 --repeat 1 --precision bf16 || exit 1
+    grep -q "^RATIO" "$OUT/smoke.txt" || { echo "smoke run printed no ratio line: stopping"; exit 1; }
+fi
+want cuda_check && run cuda_check 120 bench/cuda_check.py $([ "${SMOKE:-0}" = 1 ] && echo --dry-run)
+want mix_sd15_cuda && run mix_sd15_cuda 70 bench/mix_apply.py --size "$(size sd15)" --repeat 3 --dtype bf16 --device "$dev"
+want profile_sd15 && run profile_sd15 120 bench/train_step.py --size "$(size sd15)" --repeat 1 --profile 3
+want train_sd15 && run train_sd15 240 bench/train_step.py --size "$(size sd15)" --repeat 2
+want train_sdxl_b1 && run train_sdxl_b1 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 1
+want train_sdxl_b2 && run train_sdxl_b2 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 2
 echo "== done after $(( $(date +%s) - START )) s"

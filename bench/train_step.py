@@ -20,6 +20,7 @@ Each (variant, batch size, repetition) runs in its own process so peak memory is
     python bench/train_step.py --size tiny --repeat 3
     python bench/train_step.py --size sd15 --repeat 3        # GPU
     python bench/train_step.py --size sd15 --repeat 3 --compile
+    python bench/train_step.py --size sd15 --repeat 1 --batches 1 --profile 3   # where a step goes
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (emit, machine_summary, measured_matmul_tflops, median, mib, peak_rss_bytes,  # noqa: E402
-                          print_table, quiet_libraries, ratio_line, run_worker, safe_ratio)
+from bench.common import (StepProfiler, emit, machine_summary, measured_matmul_tflops, median,  # noqa: E402
+                          mib, peak_rss_bytes, print_table, quiet_libraries, ratio_line, run_worker, safe_ratio)
 
 SIZES = {
     # model, resolution, batch sizes, mixed precision, warm-up steps, timed steps, dataset images
@@ -90,18 +91,25 @@ def worker_ours(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     cfg = TrainConfig(data_dir=a.data, output_dir=str(out), run_name="bench", resolution=a.resolution,
-                      rank=RANK, alpha=float(RANK), target_modules=list(TARGETS), steps=a.warmup + a.steps,
+                      rank=RANK, alpha=float(RANK), target_modules=list(TARGETS),
+                      steps=a.warmup + a.steps + a.profile,
                       batch_size=a.batch, learning_rate=LR, mixed_precision=a.precision, cache_latents="memory",
                       cache_text_embeddings=True, seed=0, max_grad_norm=1.0, **OURS_SWITCHES,
                       compile_unet=bool(a.compile))
     times: list[float] = []
+    prof = StepProfiler(device, a.warmup + a.steps, a.profile)
+
+    def on_step(step: int, loss: float) -> None:
+        times.append(time.perf_counter())
+        prof.after_step(len(times))
+
     t0 = time.perf_counter()
     # handed over (give_back=False) as the baseline owns its pipeline: neither keeps a second copy of the weights
-    result = tr.train(cfg, pipeline=pipe, give_back=False,
-                      callbacks=tr.TrainCallbacks(on_step=lambda s, l: times.append(time.perf_counter())))
+    result = tr.train(cfg, pipeline=pipe, give_back=False, callbacks=tr.TrainCallbacks(on_step=on_step))
     peak, kind = _peak(device)
-    return {**_rates(times, a.warmup, a.batch), "peak_mem": peak, "mem_kind": kind,
-            "setup_s": times[0] - t0 - (times[-1] - times[0]) / (len(times) - 1), "loss": result.losses[-1]}
+    timed = times[:a.warmup + a.steps]
+    return {**_rates(timed, a.warmup, a.batch), "peak_mem": peak, "mem_kind": kind, "profile": prof.summary(),
+            "setup_s": timed[0] - t0 - (timed[-1] - timed[0]) / (len(timed) - 1), "loss": result.losses[-1]}
 
 
 def _baseline_images(folder: str):
@@ -170,7 +178,8 @@ def worker_baseline(a) -> dict:
                 "captions": [c for _, c in batch]}
 
     loader = torch.utils.data.DataLoader(items, batch_size=a.batch, shuffle=True, collate_fn=collate, drop_last=True)
-    total = a.warmup + a.steps
+    total = a.warmup + a.steps + a.profile
+    prof = StepProfiler(device, a.warmup + a.steps, a.profile)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -220,11 +229,12 @@ def worker_baseline(a) -> dict:
                 loss_value = accelerator.gather(loss.repeat(a.batch)).mean().item()  # the example logs it
                 step += 1
                 times.append(time.perf_counter())
+                prof.after_step(step)
             if step >= total:
                 break
     peak, kind = _peak(device)
-    result = {**_rates(times, a.warmup, a.batch), "peak_mem": peak, "mem_kind": kind, "setup_s": 0.0,
-              "loss": loss_value}
+    result = {**_rates(times[:a.warmup + a.steps], a.warmup, a.batch), "peak_mem": peak, "mem_kind": kind,
+              "setup_s": 0.0, "loss": loss_value, "profile": prof.summary()}
     # Model FLOPs of one step (UNet forward + backward; the same model math for both variants), then the
     # GPU's measured dense bf16 rate: MFU = flops * steps/s / rate.
     from torch.utils.flop_counter import FlopCounterMode
@@ -237,6 +247,26 @@ def worker_baseline(a) -> dict:
     result["flops_per_step"] = int(counter.get_total_flops())
     result["matmul_tflops"] = measured_matmul_tflops(device)
     return result
+
+
+def print_profiles(results: dict, batches, steps: int) -> None:
+    """Where a step goes, from each variant's first run (``--profile``)."""
+    rows, tops = [], []
+    for batch in batches:
+        for variant in ("ours", "baseline"):
+            pr = results[(variant, batch)][0].get("profile")
+            if not pr:
+                continue
+            busy = pr["gpu_busy_ms"]
+            rows.append([variant, batch, f"{pr['step_ms']:.1f}", "n/a" if busy is None else f"{busy:.1f}",
+                         "n/a" if busy is None else f"{100 * busy / pr['step_ms']:.0f}%",
+                         "n/a" if pr["gpu_ops"] is None else f"{pr['gpu_ops']:,.0f}", f"{pr['aten_ops']:,.0f}"])
+            tops += [f"  {variant} b{batch}: {ms:7.2f} ms  {name}" for name, ms in pr["top_gpu"]]
+    print(f"where a step goes (torch.profiler over {steps} steps after the timed ones; first run of each):")
+    print_table(["variant", "batch", "step ms", "GPU busy ms", "GPU busy", "GPU ops/step", "aten calls/step"], rows)
+    if tops:
+        print("largest GPU entries per step:")
+        print("\n".join(tops))
 
 
 # =========================================================================== driver
@@ -252,6 +282,8 @@ def parse_args(argv=None):
                    "'no' on a CPU)")
     p.add_argument("--compile", action="store_true", help="ours with torch.compile of the UNet (CUDA only; the "
                    "trainer skips it with a warning on a CPU); compiling happens in the first, untimed step")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed steps, run N more under "
+                   "torch.profiler and show where a step goes (GPU busy time, kernels and aten ops per step)")
     p.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -296,7 +328,7 @@ def main(argv=None) -> int:
                 for variant in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
                     args = ["--worker", variant, "--data", data, "--batch", batch, "--model", size["model"],
                             "--steps", size["steps"], "--warmup", size["warmup"], "--resolution", size["resolution"],
-                            "--precision", size["precision"]] + (["--compile"] if a.compile else [])
+                            "--precision", size["precision"], "--profile", a.profile] + (["--compile"] if a.compile else [])
                     results.setdefault((variant, batch), []).append(run_worker(script, args))
     rows, ratios = [], {}
     for batch in size["batches"]:
@@ -317,6 +349,8 @@ def main(argv=None) -> int:
     kind = results[("ours", size["batches"][0])][0]["mem_kind"]
     print_table(["variant", "batch", "steps/s", "images/s", f"peak MiB ({kind})", "GFLOP/step", "MFU",
                  "setup s"], rows)
+    if a.profile:
+        print_profiles(results, size["batches"], a.profile)
     if not torch.cuda.is_available():
         print("MFU: n/a on the CPU (no measured bf16 matmul rate); GFLOP/step is the UNet forward+backward.")
     print(ratio_line(ratios))

@@ -91,3 +91,15 @@ def test_peak_rss_and_ratio_line():
     assert peak_rss_bytes() >= before
     assert peak_rss_bytes() >= 64 * 2**20
     assert ratio_line({"a": 1.4249, "b": None}) == "RATIO ours/baseline: a=1.42x b=n/a"
+
+
+@pytest.mark.slow
+def test_train_step_profile_shows_where_a_step_goes():
+    lines = _run([sys.executable, "bench/train_step.py", "--size", "tiny", "--repeat", "1", "--batches", "1",
+                  "--warmup", "1", "--steps", "2", "--profile", "2"])
+    _check_output(lines, "variant", ("steps_per_s@b1", "peak_mem@b1"))
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("where a step goes"))
+    rows = [ln.split("|") for ln in lines[start:] if ln.startswith(("| ours ", "| baseline "))]
+    assert len(rows) == 2, "\n".join(lines[start:])
+    for row in rows:  # step ms and aten calls per step are measured numbers on the CPU too; GPU columns say n/a
+        assert float(row[3]) > 0 and int(row[7].replace(",", "")) > 100 and row[4].strip() == "n/a", row

@@ -288,3 +288,60 @@ def test_switch_defaults_are_safe_for_a_cpu_and_the_cli_sets_each():
         preset = load_preset(name)
         assert preset.cast_frozen_weights and preset.channels_last and preset.fused_optimizer
         assert preset.offload_cached_models
+
+
+# ----------------------------------------------------------------------------- peft's input casts under autocast
+def _unet_step(dtype, skip: bool, **lora):
+    """One UNet forward + backward under autocast with fp32 LoRA weights, as the trainer runs it."""
+    from lora_studio.train.adapters import inject_lora, skip_input_casts
+
+    torch.manual_seed(0)
+    unet = random_demo_pipeline().unet.requires_grad_(False).to(dtype)
+    cfg = TrainConfig(rank=4, **lora)
+    inj = inject_lora(unet, cfg, ["to_q", "to_k", "to_v", "to_out.0"], "lora_unet_")
+    gen = torch.Generator().manual_seed(1)
+    for p in inj.parameters():  # non-zero B too, so every LoRA path carries gradient into its input
+        p.data = (torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if p.dim() == 1 else 0.0)).float()
+    skipped = skip_input_casts(inj, cfg) if skip else 0
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=gen).requires_grad_(True)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=dtype):
+            out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=states).sample
+            loss = out.float().pow(2).mean()
+        loss.backward()
+    copies = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+    return out.detach(), [p.grad for p in inj.parameters()] + [x.grad], skipped, len(inj.layers), copies
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_skipping_peft_input_casts_changes_no_bit_of_outputs_or_gradients(dtype):
+    out0, grads0, _, n, copies0 = _unet_step(dtype, skip=False)
+    out1, grads1, skipped, _, copies1 = _unet_step(dtype, skip=True)
+    assert skipped == n > 0
+    assert copies1 < copies0  # the round trips are gone (to_out.0 gets a half-precision input) ...
+    assert torch.equal(out0, out1)  # ... and nothing else changed
+    assert len(grads0) == len(grads1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert any(bool(g.abs().max() > 0) for g in grads1[:-1])
+
+
+@pytest.mark.parametrize("lora", [dict(use_dora=True), dict(lora_dropout=0.1)])
+def test_dora_and_dropout_layers_keep_peft_input_casts(lora):
+    *_, skipped, n, _ = _unet_step(torch.bfloat16, skip=True, **lora)
+    assert n > 0 and skipped == 0
+
+
+@pytest.mark.parametrize("precision, skips", [("bf16", True), ("no", False)])
+def test_mixed_precision_runs_skip_the_input_casts(data, tmp_path, precision, skips):
+    from peft.tuners.lora import LoraLayer
+
+    pipe = random_demo_pipeline()
+    seen = []
+
+    def look(step, loss):
+        seen.append({getattr(m, "cast_input_dtype_enabled", True) for m in pipe.unet.modules()
+                     if isinstance(m, LoraLayer)})
+
+    res = train(_cfg(data, tmp_path, mixed_precision=precision), pipeline=pipe, callbacks=TrainCallbacks(on_step=look))
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert seen == [{not skips}] * 2

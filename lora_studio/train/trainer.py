@@ -21,7 +21,8 @@ from ..errors import ConfigError, TrainingError
 from ..family import Family, family_of_pipeline
 from ..progress import ProgressCallback, StopFlag, report
 from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
-from .adapters import InjectedLora, count_parameters, inject_lora, remove_lora, to_kohya_modules
+from .adapters import (InjectedLora, count_parameters, inject_lora, remove_lora, skip_input_casts,
+                       to_kohya_modules)
 from .cache import LatentCache
 from .conditioning import Conditioner
 from .config import TrainConfig
@@ -177,6 +178,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
                 injected.append(inject_lora(te, cfg, cfg.text_encoder_target_modules, prefix))
         for p in (p for inj in injected for p in inj.parameters()):
             p.data = p.data.float()
+        if accelerator.mixed_precision in ("fp16", "bf16"):  # every LoRA forward below runs under autocast
+            for inj in injected:
+                skip_input_casts(inj, cfg)
         return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks,
                     offloader)
     except torch.OutOfMemoryError as err:

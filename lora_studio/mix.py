@@ -11,10 +11,7 @@ mix (averaging up and down factors separately would add cross terms). Calling ``
 ``set_strength`` re-weights from the kept factors and the kept originals: no file is read and nothing drifts.
 ``restore()`` copies the original tensors back, so the base weights are bit-identical afterwards.
 
-The originals (W0 of every touched weight) stay where the weights are when there is room
-(``originals_fit_on_device``): on the CPU always, on a GPU when a second copy of the touched weights still
-leaves a working reserve free for rendering; otherwise they are kept in CPU memory and each ``apply()`` copies
-them back up (on an H100 that round trip made load + apply 0.23 s instead of the CPU's 0.14 s for SD 1.5).
+Where W0 is kept (on the weight's device when there is room, else in CPU memory) is ``mix_originals``.
 
 Written by hand rather than through diffusers' ``set_adapters``/``fuse_lora`` because those reject LoHa/LoKr
 and cannot weight blocks of a kohya LoRA; a test checks this module against diffusers' own fuse for LoRA.
@@ -45,11 +42,9 @@ from .family import Family, family_of_pipeline, require_same_family
 from .lora.formats import LoraFile, LoraModule, read_lora
 from .lora.keys import UnetLayout, diffusers_unet_to_ldm, match_modules, pipeline_components, unet_block_of
 from .lora.math import module_delta
+from .mix_originals import keep_in_place, keep_original, put_back
 
 BLOCK_GROUPS = ("down", "mid", "up", "other")
-# GPU memory that keeping W0 on the device must leave free, for rendering (the larger of the two)
-DEVICE_RESERVE_BYTES = 3 * 2**30
-DEVICE_RESERVE_FRACTION = 0.25
 # The LoRA Block Weight extension's value lists, by length: which layer each value weighs.
 _IN, _OUT = [f"IN{i:02d}" for i in range(12)], [f"OUT{i:02d}" for i in range(12)]
 LBW_LAYOUTS = {
@@ -71,20 +66,6 @@ def lbw_block_weights(values: list[float] | str) -> dict[str, float]:
         raise ConfigError(f"a LoRA Block Weight list has 17 or 26 values (SD 1.x) or 12 or 20 (SDXL); "
                           f"got {len(values)}: {values}.")
     return dict(zip(LBW_LAYOUTS[len(values)], (float(v) for v in values)))
-
-
-def originals_fit_on_device(device: torch.device, nbytes: int) -> bool:
-    """Whether ``nbytes`` of kept originals can stay on ``device``: always on the CPU; on CUDA when the memory
-    free to PyTorch (the driver's free memory plus what PyTorch holds cached but unused) minus ``nbytes`` still
-    leaves ``DEVICE_RESERVE_BYTES`` or ``DEVICE_RESERVE_FRACTION`` of the card, whichever is larger; never on
-    other devices (their free memory cannot be asked)."""
-    if device.type == "cpu":
-        return True
-    if device.type != "cuda":
-        return False
-    free, total = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free - nbytes >= max(DEVICE_RESERVE_BYTES, DEVICE_RESERVE_FRACTION * total)
 
 
 @dataclass
@@ -113,7 +94,7 @@ class LoraMixer:
 
     def __init__(self, pipe, keep_originals_on_device: bool | None = None):
         """``keep_originals_on_device``: keep W0 of the touched weights on the GPU (True), in CPU memory (False),
-        or decide by the free memory at each first apply (None; see ``originals_fit_on_device``)."""
+        or decide by the free memory at each first apply (None; see ``mix_originals``)."""
         self.pipe = pipe
         self.keep_originals_on_device = keep_originals_on_device
         self.components = pipeline_components(pipe)
@@ -309,15 +290,16 @@ class LoraMixer:
         changed by nobody else in between (``restore()`` first if they were)."""
         contribs = self.contributions()
         fresh = [key for key in contribs if key not in self._originals]
-        in_place = self._in_place([self._weight(key) for key in fresh])
+        in_place = keep_in_place([self._weight(key) for key in fresh], self.keep_originals_on_device)
         for key in fresh:
-            self._originals[key] = self._keep_original(self._weight(key), in_place)
+            param = self._weight(key)
+            self._originals[key] = keep_original(param, in_place[param.device])
         try:
             self._write(contribs)
         finally:  # a layer that was never written (an error came first) gets its own tensor back
             for key in fresh:
                 if key not in self._written:
-                    self._put_back(self._weight(key), self._originals.pop(key))
+                    put_back(self._weight(key), self._originals.pop(key))
 
     def _write(self, contribs) -> None:
         for key, w0 in self._originals.items():
@@ -348,39 +330,11 @@ class LoraMixer:
             param.copy_(new)
             self._written[key] = tuple(terms)
 
-    def _in_place(self, params: list[torch.nn.Parameter]) -> dict[torch.device, bool]:
-        """For each device among ``params``: whether their originals stay on it (see the class option)."""
-        need: dict[torch.device, int] = {}
-        for p in params:
-            need[p.device] = need.get(p.device, 0) + p.numel() * p.element_size()
-        return {dev: dev.type == "cpu" or (self.keep_originals_on_device if self.keep_originals_on_device
-                                           is not None else originals_fit_on_device(dev, n))
-                for dev, n in need.items()}
-
-    @staticmethod
-    def _keep_original(param: torch.nn.Parameter, in_place: dict[torch.device, bool]) -> torch.Tensor:
-        """Keep W0 before a weight is first written. Where it stays on the weight's device (always on the CPU),
-        the parameter's own tensor is kept and the parameter gets fresh storage to be written into: no copy of
-        every touched weight (~0.5 GB for SD 1.5 attention in fp32), and on a GPU no trip to the host and back.
-        Otherwise it is copied to the CPU, and GPU memory holds only the live weights."""
-        if not in_place[param.device]:
-            return param.detach().to("cpu", copy=True)
-        original = param.data
-        param.data = torch.empty_like(original)  # apply() writes it, or puts ``original`` back if it fails first
-        return original
-
-    @staticmethod
-    def _put_back(param: torch.nn.Parameter, w0: torch.Tensor) -> None:
-        if param.device == w0.device and param.dtype == w0.dtype and param.shape == w0.shape:
-            param.data = w0  # on the CPU the kept tensor itself goes back: no copy
-        else:
-            param.copy_(w0)
-
     @torch.no_grad()
     def restore(self) -> None:
         """Put every touched weight back exactly as it was before the first ``apply()``."""
         for key, w0 in self._originals.items():
-            self._put_back(self._weight(key), w0)
+            put_back(self._weight(key), w0)
         self._originals.clear()
         self._written.clear()
         self._w0_absmax.clear()

@@ -424,7 +424,7 @@ def test_layers_the_fast_path_cannot_take_still_merge(tmp_path, pipe, monkeypatc
 def test_originals_stay_on_a_gpu_only_with_room_to_spare(monkeypatch):
     """W0 stays on a CUDA device (no copy to the host and back on each apply) only while a second copy of the
     touched weights leaves the rendering reserve free; PyTorch's cached-but-unused memory counts as free."""
-    from lora_studio import mix
+    from lora_studio import mix_originals as mix
 
     gib = 2**30
     state = {"free": 30 * gib, "total": 80 * gib, "reserved": 0, "allocated": 0}
@@ -447,17 +447,33 @@ def test_originals_stay_on_a_gpu_only_with_room_to_spare(monkeypatch):
     assert not mix.originals_fit_on_device(torch.device("mps"), 1)
 
 
-def test_the_keep_originals_option_decides_per_device_and_the_cpu_keeps_in_place(pipe, monkeypatch):
-    from lora_studio import mix
+def test_the_keep_originals_option_decides_per_device_and_the_cpu_keeps_in_place(monkeypatch):
+    from lora_studio import mix_originals
 
     params = [torch.nn.Parameter(torch.zeros(4, 4)) for _ in range(2)]
-    monkeypatch.setattr(mix, "originals_fit_on_device", lambda dev, n: pytest.fail("asked about the CPU"))
+    monkeypatch.setattr(mix_originals, "originals_fit_on_device", lambda dev, n: pytest.fail("asked about the CPU"))
     for option in (None, True, False):  # the CPU never copies its originals, whatever the option says
-        assert LoraMixer(pipe, keep_originals_on_device=option)._in_place(params) == {torch.device("cpu"): True}
+        assert mix_originals.keep_in_place(params, option) == {torch.device("cpu"): True}
     asked = []
-    monkeypatch.setattr(mix, "originals_fit_on_device", lambda dev, n: asked.append((dev, n)) or False)
+    monkeypatch.setattr(mix_originals, "originals_fit_on_device", lambda dev, n: asked.append((dev, n)) or False)
     meta = [torch.nn.Parameter(torch.zeros(4, 4, device="meta")), torch.nn.Parameter(torch.zeros(2, 8, device="meta"))]
-    assert LoraMixer(pipe)._in_place(meta) == {torch.device("meta"): False}
+    assert mix_originals.keep_in_place(meta, None) == {torch.device("meta"): False}
     assert asked == [(torch.device("meta"), 2 * 16 * 4)]  # one question per device, for all its bytes
-    assert LoraMixer(pipe, keep_originals_on_device=True)._in_place(meta) == {torch.device("meta"): True}
+    assert mix_originals.keep_in_place(meta, True) == {torch.device("meta"): True}
     assert len(asked) == 1
+
+
+def test_the_mixer_passes_its_keep_originals_option_on(pipe, tmp_path, monkeypatch):
+    from lora_studio import mix
+
+    path = write_kohya_lora(tmp_path / "a.safetensors", pipe, rank=2)
+    seen = []
+    real = mix.keep_in_place
+    monkeypatch.setattr(mix, "keep_in_place", lambda params, option: seen.append((len(params), option))
+                        or real(params, option))
+    mixer = LoraMixer(pipe, keep_originals_on_device=False)
+    mixer.add(path)
+    mixer.apply()
+    mixer.apply()  # nothing fresh the second time
+    mixer.restore()
+    assert seen[0][0] > 0 and seen[0][1] is False and all(n == 0 for n, _ in seen[1:])

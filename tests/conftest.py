@@ -21,6 +21,10 @@ REAL_LORAS = REPO.parent / "shared" / "real-loras"
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test that takes more than ~20 s on 2 CPU cores")
     config.addinivalue_line("markers", "browser: drives a real headless Chromium")
+    # diffusers' (K-)DPM2 and Euler schedulers call numpy functions on torch tensors, and numpy 2 warns about
+    # that on every call: 32,000 lines of third-party noise per run that hid the warnings worth reading.
+    for message in ("__array_wrap__ must accept context", "__array__ implementation doesn't accept a copy"):
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)

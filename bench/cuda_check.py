@@ -4,7 +4,7 @@ Not a benchmark: it prints one PASS/FAIL line per check and exits non-zero if an
 trainer and the mixer do only on CUDA:
 
 * training in fp16 (frozen weights cast to fp16, fp32 LoRA weights, a GradScaler), in bf16 with the UNet
-  compiled (``compile_unet``), each with channels-last, fused AdamW and the VAE/text encoder offloaded after
+  compiled (``compile_unet``, in the default mode and in "reduce-overhead", which replays CUDA graphs), each with channels-last, fused AdamW and the VAE/text encoder offloaded after
   caching: the losses are finite, the LoRA file is written with non-zero up weights, and the passed-in fp32
   CPU pipeline gets every weight back bit for bit (``give_back=True``, the default);
 * ``LoraMixer`` on a CUDA pipeline, with W0 kept on the GPU and kept in CPU memory, writes the same fp32
@@ -52,7 +52,7 @@ def _same(before: dict, after: dict) -> str | None:
     return None
 
 
-def check_train(precision: str, compile_unet: bool, tmp: Path) -> str:
+def check_train(precision: str, compile_unet: bool, tmp: Path, compile_mode: str = "default") -> str:
     from bench.shapes import demo_pipeline, write_dataset
     from lora_studio.lora.formats import read_lora
     from lora_studio.train import trainer as tr
@@ -63,7 +63,7 @@ def check_train(precision: str, compile_unet: bool, tmp: Path) -> str:
     data = write_dataset(tmp / f"data-{precision}", 4, 64)
     cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp / "runs"), run_name=f"{precision}-{compile_unet}",
                       resolution=64, rank=4, alpha=4.0, steps=6, batch_size=2, learning_rate=1e-3,
-                      mixed_precision=precision, compile_unet=compile_unet, seed=0)
+                      mixed_precision=precision, compile_unet=compile_unet, compile_mode=compile_mode, seed=0)
     result = tr.train(cfg, pipeline=pipe)
     assert result.steps_done == 6, result.steps_done
     assert all(math.isfinite(x) for x in result.losses), result.losses
@@ -127,6 +127,8 @@ def main() -> int:
     checks = [("train fp16 (GradScaler)", lambda t: check_train("fp16", False, t)),
               ("train bf16", lambda t: check_train("bf16", False, t)),
               ("train bf16 + torch.compile", lambda t: check_train("bf16", True, t)),
+              ("train bf16 + torch.compile reduce-overhead (CUDA graphs)",
+               lambda t: check_train("bf16", True, t, "reduce-overhead")),
               ("mixer on CUDA", check_mixer)]
     failed = 0
     for name, fn in checks:

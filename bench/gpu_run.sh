@@ -50,6 +50,8 @@ fi
 want cuda_check && run cuda_check 120 bench/cuda_check.py $([ "${SMOKE:-0}" = 1 ] && echo --dry-run)
 want mix_sd15_cuda && run mix_sd15_cuda 70 bench/mix_apply.py --size "$(size sd15)" --repeat 3 --dtype bf16 --device "$dev"
 want profile_sd15 && run profile_sd15 120 bench/train_step.py --size "$(size sd15)" --repeat 1 --profile 3
+want compile_sd15_b1 && run compile_sd15_b1 200 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 1 \
+    --compile --compile-mode reduce-overhead
 want train_sd15 && run train_sd15 240 bench/train_step.py --size "$(size sd15)" --repeat 2
 want train_sdxl_b1 && run train_sdxl_b1 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 1
 want train_sdxl_b2 && run train_sdxl_b2 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 2

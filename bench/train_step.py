@@ -21,6 +21,7 @@ Each (variant, batch size, repetition) runs in its own process so peak memory is
     python bench/train_step.py --size sd15 --repeat 3        # GPU
     python bench/train_step.py --size sd15 --repeat 3 --compile
     python bench/train_step.py --size sd15 --repeat 1 --batches 1 --profile 3   # where a step goes
+    python bench/train_step.py --size sd15 --repeat 1 --batches 1 --compile --compile-mode reduce-overhead
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def worker_ours(a) -> dict:
                       steps=a.warmup + a.steps + a.profile,
                       batch_size=a.batch, learning_rate=LR, mixed_precision=a.precision, cache_latents="memory",
                       cache_text_embeddings=True, seed=0, max_grad_norm=1.0, **OURS_SWITCHES,
-                      compile_unet=bool(a.compile))
+                      compile_unet=bool(a.compile), compile_mode=a.compile_mode)
     times: list[float] = []
     prof = StepProfiler(device, a.warmup + a.steps, a.profile)
 
@@ -282,6 +283,8 @@ def parse_args(argv=None):
                    "'no' on a CPU)")
     p.add_argument("--compile", action="store_true", help="ours with torch.compile of the UNet (CUDA only; the "
                    "trainer skips it with a warning on a CPU); compiling happens in the first, untimed step")
+    p.add_argument("--compile-mode", default="default", help="torch.compile's mode for --compile (default, "
+                   "reduce-overhead: CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed steps, run N more under "
                    "torch.profiler and show where a step goes (GPU busy time, kernels and aten ops per step)")
     p.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
@@ -315,7 +318,8 @@ def main(argv=None) -> int:
     print("ours: cached latents + text states, " + ", ".join(
         [f"frozen weights in {size['precision']}" if size["precision"] != "no" else "fp32 (no mixed precision)"]
         + (["channels-last UNet", "fused AdamW", "VAE/text encoder offloaded after caching"] if cuda else [])
-        + ([("torch.compile UNet" if cuda else "--compile ignored on the CPU")] if a.compile else [])))
+        + ([(f"torch.compile UNet (mode {a.compile_mode})" if cuda else "--compile ignored on the CPU")]
+           if a.compile else [])))
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         from bench.shapes import write_dataset
@@ -328,7 +332,8 @@ def main(argv=None) -> int:
                 for variant in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
                     args = ["--worker", variant, "--data", data, "--batch", batch, "--model", size["model"],
                             "--steps", size["steps"], "--warmup", size["warmup"], "--resolution", size["resolution"],
-                            "--precision", size["precision"], "--profile", a.profile] + (["--compile"] if a.compile else [])
+                            "--precision", size["precision"], "--profile", a.profile,
+                            "--compile-mode", a.compile_mode] + (["--compile"] if a.compile else [])
                     results.setdefault((variant, batch), []).append(run_worker(script, args))
     rows, ratios = [], {}
     for batch in size["batches"]:

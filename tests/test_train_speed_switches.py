@@ -14,6 +14,7 @@ import lora_studio.train.trainer as trainer_mod
 from lora_studio.cli.main import build_parser
 from lora_studio.cli.train import build_config
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
+from lora_studio.errors import ConfigError
 from lora_studio.train.config import TrainConfig, load_preset
 from lora_studio.train.placement import Offloader, Placement, frozen_dtypes, wants_channels_last
 from lora_studio.train.trainer import TrainCallbacks, train
@@ -250,13 +251,32 @@ def test_fused_adamw_falls_back_with_a_warning(monkeypatch):
 # ----------------------------------------------------------------------------- torch.compile
 def test_compile_only_on_cuda(monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or ("compiled", m))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append((m, kw)) or ("compiled", m))
     m = torch.nn.Linear(1, 1)
     assert trainer_mod._maybe_compile(m, False, "cuda") is m and compiled == []
-    assert trainer_mod._maybe_compile(m, True, "cuda") == ("compiled", m) and compiled == [m]
+    assert trainer_mod._maybe_compile(m, True, "cuda") == ("compiled", m) and compiled == [(m, {"mode": None})]
     with pytest.warns(UserWarning, match="compile_unet is on but training runs on the CPU"):
-        assert trainer_mod._maybe_compile(m, True, "cpu") is m
-    assert compiled == [m]
+        assert trainer_mod._maybe_compile(m, True, "cpu", "reduce-overhead") is m
+    assert len(compiled) == 1
+    trainer_mod._maybe_compile(m, True, "cuda", "reduce-overhead")
+    assert compiled[-1] == (m, {"mode": "reduce-overhead"})
+
+
+def test_only_cuda_graph_modes_mark_each_step():
+    assert trainer_mod._uses_cuda_graphs(True, "reduce-overhead") and trainer_mod._uses_cuda_graphs(True, "max-autotune")
+    assert not trainer_mod._uses_cuda_graphs(True, "default")
+    assert not trainer_mod._uses_cuda_graphs(True, "max-autotune-no-cudagraphs")
+    assert not trainer_mod._uses_cuda_graphs(False, "reduce-overhead")  # not compiled (e.g. on a CPU): nothing to mark
+
+
+def test_compile_mode_comes_from_the_cli_and_bad_modes_are_refused():
+    def build(*argv):
+        return build_config(build_parser().parse_args(["train", *argv]))
+
+    assert TrainConfig().compile_mode == "default"
+    assert build("--compile", "--compile-mode", "reduce-overhead").compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode = 'fast' is not one of default, reduce-overhead"):
+        TrainConfig(compile_mode="fast").validate()
 
 
 def test_compile_flag_on_the_cpu_trains_without_compiling_and_says_so(data, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ FLAGS = {"data": "data_dir", "base": "base", "steps": "steps", "rank": "rank", "
          "sample_every": "sample_every_n_steps", "sample_prompt": "sample_prompts", "init": "init",
          "gradient_checkpointing": "gradient_checkpointing", "cast_frozen_weights": "cast_frozen_weights",
          "channels_last": "channels_last", "fused_optimizer": "fused_optimizer", "compile": "compile_unet",
-         "offload_cached_models": "offload_cached_models"}
+         "compile_mode": "compile_mode", "offload_cached_models": "offload_cached_models"}
 
 
 def register(sub) -> None:
@@ -64,6 +64,9 @@ def register(sub) -> None:
     speed.add_argument("--fused-optimizer", action=on_off, help="fused AdamW kernel on CUDA (default on)")
     speed.add_argument("--compile", action=on_off, help="torch.compile the UNet on CUDA: minutes of compiling "
                        "before the first step, faster steps after (default off; ignored with a warning on a CPU)")
+    speed.add_argument("--compile-mode", metavar="MODE", help="torch.compile's mode with --compile: 'default', "
+                       "'reduce-overhead' (replays CUDA graphs: fewer kernel launches, more memory), 'max-autotune' "
+                       "(also searches kernels; longer compile) or 'max-autotune-no-cudagraphs'")
     speed.add_argument("--offload-cached-models", action=on_off, help="on CUDA, move the VAE and frozen text "
                        "encoders to the CPU once their outputs are cached (default on)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE",

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prediction_type": ("auto", "epsilon", "v_prediction"),
     "cache_latents": ("memory", "disk", "none"),
     "save_precision": ("fp32", "fp16", "bf16"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -88,6 +89,7 @@ class TrainConfig:
     channels_last: bool = True              # CUDA only: the UNet in channels-last memory format (tensor cores)
     fused_optimizer: bool = True            # CUDA only: torch's fused AdamW kernel (adamw only)
     compile_unet: bool = False              # CUDA only: torch.compile the UNet (minutes of compiling first)
+    compile_mode: str = "default"           # torch.compile's mode; "reduce-overhead" replays CUDA graphs
     offload_cached_models: bool = True      # CUDA only: VAE/text encoders to the CPU once their outputs are cached
     min_snr_gamma: float = 0.0              # 0 disables min-SNR weighting; 5 is the paper's value
     noise_offset: float = 0.0

@@ -11,7 +11,8 @@
 #
 # then call the device tool's run with carry [".whl"] and the command `bash bench/gpu_run.sh` (timeout_s 600).
 # A short CUDA smoke run of both training variants goes first and stops the script if it fails, so a broken
-# setup costs seconds, not the lease. Each result lands in $OUT/<name>.txt; paste them into bench/RESULTS.md
+# setup costs seconds, not the lease. Each result lands in $OUT/<name>.txt (8 files: the most the device tool
+# returns; runs of one name append to one file); paste them into bench/RESULTS.md
 # with the device named in the reply. SMOKE=1 swaps every size for tiny (to check the script on a CPU).
 set -u -o pipefail
 OUT=${OUT:-/tmp/bench-gpu}
@@ -35,8 +36,8 @@ run() {  # name, seconds, script and arguments; the limit shrinks to what is lef
     local name=$1 limit=$2 left=$(( DEADLINE - ($(date +%s) - START) ))
     shift 2
     [ "$left" -lt "$limit" ] && limit=$left
-    [ "$limit" -lt 20 ] && { echo "== $name skipped: ${left} s left" | tee "$OUT/$name.txt"; return 1; }
-    echo "== $(date -u) (+$(( $(date +%s) - START )) s) $name: python3 $*" | tee "$OUT/$name.txt"
+    [ "$limit" -lt 20 ] && { echo "== $name skipped: ${left} s left" | tee -a "$OUT/$name.txt"; return 1; }
+    echo "== $(date -u) (+$(( $(date +%s) - START )) s) $name: python3 $*" | tee -a "$OUT/$name.txt"
     timeout "$limit" python3 "$@" 2>&1 | grep -v -i "warn" | tee -a "$OUT/$name.txt"
 }
 # In priority order: what this session's changes need checked first. The DEADLINE cuts the tail if the machine is
@@ -53,6 +54,7 @@ want profile_sd15 && run profile_sd15 120 bench/train_step.py --size "$(size sd1
 want compile_sd15_b1 && run compile_sd15_b1 200 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 1 \
     --compile --compile-mode reduce-overhead
 want train_sd15 && run train_sd15 240 bench/train_step.py --size "$(size sd15)" --repeat 2
-want train_sdxl_b1 && run train_sdxl_b1 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 1
-want train_sdxl_b2 && run train_sdxl_b2 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 2
+# one file for both batch sizes (the device tool returns at most 8 files); separate runs, so one can fail alone
+want train_sdxl && run train_sdxl 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 1
+want train_sdxl && run train_sdxl 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 2
 echo "== done after $(( $(date +%s) - START )) s"

@@ -10,7 +10,8 @@ Ours is ``lora_studio.train.train`` on the same fp32 pipeline, handed over (``gi
 baseline owns its pipeline), with its speed switches (all defaults but
 compile): latents and every caption's text states encoded once before the first step (excluded from steps/s,
 reported as setup seconds), frozen weights cast to the mixed-precision dtype with fp32 LoRA weights
-(``cast_frozen_weights``), SDPA attention (diffusers' default processor), and on CUDA a channels-last UNet
+(``cast_frozen_weights``), frozen convolutions and GEGLUs that keep less for the backward (``lean_backward``),
+SDPA attention (diffusers' default processor), and on CUDA a channels-last UNet
 (``channels_last``), fused AdamW (``fused_optimizer``), the VAE and text encoder moved to the CPU once cached
 (``offload_cached_models``); ``--compile`` adds ``torch.compile`` of the UNet (``compile_unet``, CUDA only).
 
@@ -46,7 +47,8 @@ SIZES = {
 }
 RANK = 16
 # the trainer's speed switches "ours" runs with (its defaults; compile_unet comes from --compile)
-OURS_SWITCHES = dict(cast_frozen_weights=True, channels_last=True, fused_optimizer=True, offload_cached_models=True)
+OURS_SWITCHES = dict(cast_frozen_weights=True, channels_last=True, fused_optimizer=True, offload_cached_models=True,
+                     lean_backward=True)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LR = 1e-4
 
@@ -316,7 +318,8 @@ def main(argv=None) -> int:
           f"{size['precision']}, {size['warmup']} warm-up + {size['steps']} timed steps, median of {a.repeat}")
     cuda = torch.cuda.is_available()
     print("ours: cached latents + text states, " + ", ".join(
-        [f"frozen weights in {size['precision']}" if size["precision"] != "no" else "fp32 (no mixed precision)"]
+        [f"frozen weights in {size['precision']}" if size["precision"] != "no" else "fp32 (no mixed precision)",
+         "lean backward (frozen convs/GEGLUs keep less)"]
         + (["channels-last UNet", "fused AdamW", "VAE/text encoder offloaded after caching"] if cuda else [])
         + ([(f"torch.compile UNet (mode {a.compile_mode})" if cuda else "--compile ignored on the CPU")]
            if a.compile else [])))

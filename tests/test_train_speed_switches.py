@@ -293,7 +293,7 @@ def test_compile_flag_on_the_cpu_trains_without_compiling_and_says_so(data, tmp_
 def test_switch_defaults_are_safe_for_a_cpu_and_the_cli_sets_each():
     cfg = TrainConfig()
     assert (cfg.cast_frozen_weights, cfg.channels_last, cfg.fused_optimizer, cfg.offload_cached_models) == (True,) * 4
-    assert cfg.compile_unet is False and cfg.mixed_precision == "no"
+    assert cfg.compile_unet is False and cfg.mixed_precision == "no" and cfg.lean_backward is True
 
     def build(*argv):
         return build_config(build_parser().parse_args(["train", *argv]))
@@ -302,6 +302,7 @@ def test_switch_defaults_are_safe_for_a_cpu_and_the_cli_sets_each():
                 "--no-offload-cached-models", "--gradient-checkpointing")
     assert (off.cast_frozen_weights, off.channels_last, off.fused_optimizer, off.offload_cached_models) == (False,) * 4
     assert off.compile_unet and off.gradient_checkpointing
+    assert build("--no-lean-backward").lean_backward is False and build("--lean-backward").lean_backward is True
     assert build("--preset", "style-sd15").compile_unet is False            # preset values stay unless a flag is given
     assert build("--preset", "style-sd15", "--compile").compile_unet is True
     for name in ("style-sd15", "style-sdxl"):

@@ -24,7 +24,8 @@ FLAGS = {"data": "data_dir", "base": "base", "steps": "steps", "rank": "rank", "
          "sample_every": "sample_every_n_steps", "sample_prompt": "sample_prompts", "init": "init",
          "gradient_checkpointing": "gradient_checkpointing", "cast_frozen_weights": "cast_frozen_weights",
          "channels_last": "channels_last", "fused_optimizer": "fused_optimizer", "compile": "compile_unet",
-         "compile_mode": "compile_mode", "offload_cached_models": "offload_cached_models"}
+         "compile_mode": "compile_mode", "offload_cached_models": "offload_cached_models",
+         "lean_backward": "lean_backward"}
 
 
 def register(sub) -> None:
@@ -69,6 +70,8 @@ def register(sub) -> None:
                        "(also searches kernels; longer compile) or 'max-autotune-no-cudagraphs'")
     speed.add_argument("--offload-cached-models", action=on_off, help="on CUDA, move the VAE and frozen text "
                        "encoders to the CPU once their outputs are cached (default on)")
+    speed.add_argument("--lean-backward", action=on_off, help="frozen convolutions and GEGLUs keep less for the "
+                       "backward pass: about a quarter less activation memory, bit-identical results (default on)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE",
                    help="continue the run's latest saved state (or the given state/run folder)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -27,6 +27,7 @@ from .cache import LatentCache
 from .conditioning import Conditioner
 from .config import TrainConfig
 from .dataset import BucketBatches, scan_images, tag_frequency, transform_caption
+from .lean import lean_backward
 from .objective import diffusion_loss, sample_noise
 from .outputs import RunWriter
 from .placement import Offloader, Placement, frozen_dtypes, wants_channels_last
@@ -187,8 +188,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
         if accelerator.mixed_precision in ("fp16", "bf16"):  # every LoRA forward below runs under autocast
             for inj in injected:
                 skip_input_casts(inj, cfg)
-        return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks,
-                    offloader)
+        with lean_backward(pipe.unet, cfg.lean_backward):  # after the LoRA layers: it reads what is frozen
+            return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks,
+                        offloader)
     except torch.OutOfMemoryError as err:
         raise TrainingError(f"out of GPU memory at batch_size {cfg.batch_size}, resolution {cfg.resolution}: "
                             "lower batch_size or resolution, turn on gradient_checkpointing, or use mixed_precision "

@@ -1,0 +1,115 @@
+"""lean_backward: frozen convolutions and GEGLUs keep less for the backward, and nothing else changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_studio.demo import make_demo_dataset, random_demo_pipeline
+from lora_studio.lora.formats import read_lora
+from lora_studio.train.adapters import inject_lora, skip_input_casts
+from lora_studio.train.config import TrainConfig
+from lora_studio.train.lean import lean_backward
+from lora_studio.train.trainer import TrainCallbacks, train
+from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
+
+
+def _lora_unet(dtype: torch.dtype, channels_last: bool = False, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """The demo UNet, frozen in ``dtype``, with fp32 LoRA layers whose B is not zero (so gradients flow)."""
+    unet = random_demo_pipeline().unet.requires_grad_(False).to(dtype)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    cfg = TrainConfig(rank=4)
+    inj = inject_lora(unet, cfg, list(targets), "lora_unet_")
+    gen = torch.Generator().manual_seed(3)
+    for p in inj.parameters():
+        p.data = (torch.randn(p.shape, generator=gen) * 0.05).float()
+    if dtype != torch.float32:
+        skip_input_casts(inj, cfg)
+    return unet
+
+
+def _step(unet, dtype: torch.dtype):
+    """One forward + backward; returns the output, every gradient (LoRA and the input's) and the bytes of the
+    activations kept for the backward (weights excluded, each storage once)."""
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    kept = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=gen).requires_grad_(True)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=states).sample
+            loss = F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
+    loss.backward()
+    grads = [p.grad.clone() for p in unet.parameters() if p.requires_grad] + [x.grad]
+    for p in unet.parameters():
+        p.grad = None
+    return out.detach(), grads, sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.bfloat16, True)])
+def test_lean_backward_keeps_less_and_changes_no_bit(dtype, channels_last):
+    unet = _lora_unet(dtype, channels_last)
+    out0, grads0, kept0 = _step(unet, dtype)
+    with lean_backward(unet) as changed:
+        out1, grads1, kept1 = _step(unet, dtype)
+    convs = sum(type(m) is nn.Conv2d for m in unet.modules())
+    assert changed > convs > 0                     # every conv of the frozen UNet, and its GEGLUs
+    assert kept1 < 0.9 * kept0                     # the point of it
+    assert torch.equal(out0, out1)
+    assert len(grads0) == len(grads1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert any(bool(g.abs().max() > 0) for g in grads1)
+
+
+def test_trainable_convolutions_are_left_alone_and_forwards_come_back_even_after_an_error():
+    unet = _lora_unet(torch.float32, targets=("to_q", "conv1"))  # a LoCon: conv1 gets trainable LoRA convs
+    trainable = [m for m in unet.modules() if type(m) is nn.Conv2d and m.weight.requires_grad]
+    assert trainable
+    with pytest.raises(RuntimeError, match="boom"):
+        with lean_backward(unet):
+            assert not any("forward" in m.__dict__ for m in trainable)
+            assert any("forward" in m.__dict__ for m in unet.modules())
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+    with lean_backward(unet, enabled=False) as changed:
+        assert changed == 0 and not any("forward" in m.__dict__ for m in unet.modules())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("lean-data"), count=2, repeats=1)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precision):
+    runs = {}
+    for lean in (True, False):
+        pipe = random_demo_pipeline()
+        during = []
+        cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / str(lean)), run_name="run", resolution=64,
+                          min_bucket_reso=32, max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=2.0, steps=3,
+                          batch_size=2, learning_rate=1e-2, save_precision="fp32", seed=5, mixed_precision=precision,
+                          lean_backward=lean)
+
+        def lean_modules():  # the UNet itself gets accelerate's autocast wrapper under mixed precision
+            return sum("forward" in m.__dict__ for m in pipe.unet.modules() if m is not pipe.unet)
+
+        res = train(cfg, pipeline=pipe, callbacks=TrainCallbacks(on_step=lambda s, l: during.append(lean_modules())))
+        assert (min(during) > 0) if lean else (max(during) == 0)
+        assert lean_modules() == 0  # the pipeline is given back plain
+        runs[lean] = res.losses, read_lora(res.lora_path).modules
+    (loss1, mods1), (loss0, mods0) = runs[True], runs[False]
+    assert loss1 == loss0
+    assert mods1.keys() == mods0.keys()
+    assert all(torch.equal(mods1[k].tensors[s], mods0[k].tensors[s]) for k in mods1 for s in mods1[k].tensors)

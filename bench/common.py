@@ -161,6 +161,35 @@ class StepProfiler:
                             for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:top]]}
 
 
+class SavedActivations:
+    """The bytes of the tensors autograd keeps for the backward pass during one training step, each storage
+    once and the model's weights excluded: a step's activation memory, the same on any device (so measurable
+    on a CPU, where the process's peak is the model). The step measured is the one after the first ``at``
+    (call ``after_step`` with the number of steps done after each one)."""
+
+    def __init__(self, at: int, weights: Callable[[], Sequence]):
+        self.at, self._weights = at, weights
+        self._hooks, self._skip, self._kept = None, set(), {}
+        self.bytes: int | None = None
+
+    def _pack(self, t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in self._skip:
+            self._kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    def after_step(self, done: int) -> None:
+        import torch
+
+        if done == self.at:
+            self._skip = {p.untyped_storage().data_ptr() for p in self._weights()}
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._hooks.__enter__()
+        elif done == self.at + 1 and self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self.bytes = sum(self._kept.values())
+
+
 # --------------------------------------------------------------------------- workers
 def emit(result: dict) -> None:
     """A worker's last word: one tagged JSON line on stdout."""

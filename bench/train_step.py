@@ -28,7 +28,6 @@ Each (variant, batch size, repetition) runs in its own process so peak memory is
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (StepProfiler, emit, machine_summary, measured_matmul_tflops, median,  # noqa: E402
+from bench.common import (SavedActivations, StepProfiler, emit, machine_summary, measured_matmul_tflops, median,  # noqa: E402
                           mib, peak_rss_bytes, print_table, quiet_libraries, ratio_line, run_worker, safe_ratio)
 
 SIZES = {
@@ -95,16 +94,19 @@ def worker_ours(a) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     cfg = TrainConfig(data_dir=a.data, output_dir=str(out), run_name="bench", resolution=a.resolution,
                       rank=RANK, alpha=float(RANK), target_modules=list(TARGETS),
-                      steps=a.warmup + a.steps + a.profile,
+                      steps=a.warmup + a.steps + a.profile + 1,
                       batch_size=a.batch, learning_rate=LR, mixed_precision=a.precision, cache_latents="memory",
                       cache_text_embeddings=True, seed=0, max_grad_norm=1.0, **OURS_SWITCHES,
                       compile_unet=bool(a.compile), compile_mode=a.compile_mode)
     times: list[float] = []
     prof = StepProfiler(device, a.warmup + a.steps, a.profile)
+    # the last step: what it keeps for the backward (the pipeline is handed over, so its weights are these)
+    acts = SavedActivations(a.warmup + a.steps + a.profile, pipe.unet.parameters)
 
     def on_step(step: int, loss: float) -> None:
         times.append(time.perf_counter())
         prof.after_step(len(times))
+        acts.after_step(len(times))
 
     t0 = time.perf_counter()
     # handed over (give_back=False) as the baseline owns its pipeline: neither keeps a second copy of the weights
@@ -112,6 +114,7 @@ def worker_ours(a) -> dict:
     peak, kind = _peak(device)
     timed = times[:a.warmup + a.steps]
     return {**_rates(timed, a.warmup, a.batch), "peak_mem": peak, "mem_kind": kind, "profile": prof.summary(),
+            "saved_acts": acts.bytes,
             "setup_s": timed[0] - t0 - (timed[-1] - timed[0]) / (len(timed) - 1), "loss": result.losses[-1]}
 
 
@@ -181,8 +184,9 @@ def worker_baseline(a) -> dict:
                 "captions": [c for _, c in batch]}
 
     loader = torch.utils.data.DataLoader(items, batch_size=a.batch, shuffle=True, collate_fn=collate, drop_last=True)
-    total = a.warmup + a.steps + a.profile
+    total = a.warmup + a.steps + a.profile + 1
     prof = StepProfiler(device, a.warmup + a.steps, a.profile)
+    acts = SavedActivations(total - 1, unet.parameters)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -233,11 +237,12 @@ def worker_baseline(a) -> dict:
                 step += 1
                 times.append(time.perf_counter())
                 prof.after_step(step)
+                acts.after_step(step)
             if step >= total:
                 break
     peak, kind = _peak(device)
     result = {**_rates(times[:a.warmup + a.steps], a.warmup, a.batch), "peak_mem": peak, "mem_kind": kind,
-              "setup_s": 0.0, "loss": loss_value, "profile": prof.summary()}
+              "setup_s": 0.0, "loss": loss_value, "profile": prof.summary(), "saved_acts": acts.bytes}
     # Model FLOPs of one step (UNet forward + backward; the same model math for both variants), then the
     # GPU's measured dense bf16 rate: MFU = flops * steps/s / rate.
     from torch.utils.flop_counter import FlopCounterMode
@@ -343,20 +348,23 @@ def main(argv=None) -> int:
         med = {}
         for variant in ("ours", "baseline"):
             runs = results[(variant, batch)]
-            m = {k: median([run[k] for run in runs]) for k in ("steps_per_s", "images_per_s", "peak_mem", "setup_s")}
+            m = {k: median([run[k] for run in runs])
+                 for k in ("steps_per_s", "images_per_s", "peak_mem", "setup_s", "saved_acts")}
             base_runs = results[("baseline", batch)]
             flops = median([run["flops_per_step"] for run in base_runs])
             rate = base_runs[0].get("matmul_tflops")
             m["mfu"] = flops * m["steps_per_s"] / (rate * 1e12) if rate else None
             med[variant] = m
             rows.append([variant, batch, f"{m['steps_per_s']:.3f}", f"{m['images_per_s']:.2f}", mib(m["peak_mem"]),
+                         mib(m["saved_acts"]),
                          f"{flops / 1e9:,.1f}", "n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%",
                          f"{m['setup_s']:.1f}"])
         ratios[f"steps_per_s@b{batch}"] = safe_ratio(med["ours"]["steps_per_s"], med["baseline"]["steps_per_s"])
         ratios[f"peak_mem@b{batch}"] = safe_ratio(med["ours"]["peak_mem"], med["baseline"]["peak_mem"])
+        ratios[f"saved_acts@b{batch}"] = safe_ratio(med["ours"]["saved_acts"], med["baseline"]["saved_acts"])
     kind = results[("ours", size["batches"][0])][0]["mem_kind"]
-    print_table(["variant", "batch", "steps/s", "images/s", f"peak MiB ({kind})", "GFLOP/step", "MFU",
-                 "setup s"], rows)
+    print_table(["variant", "batch", "steps/s", "images/s", f"peak MiB ({kind})", "kept for backward MiB",
+                 "GFLOP/step", "MFU", "setup s"], rows)
     if a.profile:
         print_profiles(results, size["batches"], a.profile)
     if not torch.cuda.is_available():

@@ -91,8 +91,13 @@ def data(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("lean-data"), count=2, repeats=1)
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precision):
+@pytest.mark.parametrize("precision, extra", [
+    ("no", {}), ("bf16", {}),
+    ("no", dict(target_modules=["to_q", "to_v", "conv1", "conv2"])),      # LoCon: the base convs inside peft's
+    ("bf16", dict(use_dora=True)),                                         # DoRA
+    ("no", dict(init="pissa")),                                            # PiSSA rewrites base weights
+], ids=["fp32", "bf16", "locon", "dora-bf16", "pissa"])
+def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precision, extra):
     runs = {}
     for lean in (True, False):
         pipe = random_demo_pipeline()
@@ -100,7 +105,7 @@ def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precis
         cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / str(lean)), run_name="run", resolution=64,
                           min_bucket_reso=32, max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=2.0, steps=3,
                           batch_size=2, learning_rate=1e-2, save_precision="fp32", seed=5, mixed_precision=precision,
-                          lean_backward=lean)
+                          lean_backward=lean, **extra)
 
         def lean_modules():  # the UNet itself gets accelerate's autocast wrapper under mixed precision
             return sum("forward" in m.__dict__ for m in pipe.unet.modules() if m is not pipe.unet)

@@ -308,7 +308,7 @@ def test_switch_defaults_are_safe_for_a_cpu_and_the_cli_sets_each():
     for name in ("style-sd15", "style-sdxl"):
         preset = load_preset(name)
         assert preset.cast_frozen_weights and preset.channels_last and preset.fused_optimizer
-        assert preset.offload_cached_models
+        assert preset.offload_cached_models and preset.lean_backward and preset.compile_mode == "default"
 
 
 # ----------------------------------------------------------------------------- peft's input casts under autocast

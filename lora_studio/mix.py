@@ -289,10 +289,9 @@ class LoraMixer:
         text-encoder strength or one block weight costs only those layers. The weights are assumed to be
         changed by nobody else in between (``restore()`` first if they were)."""
         contribs = self.contributions()
-        fresh = [key for key in contribs if key not in self._originals]
-        in_place = keep_in_place([self._weight(key) for key in fresh], self.keep_originals_on_device)
-        for key in fresh:
-            param = self._weight(key)
+        fresh = {key: self._weight(key) for key in contribs if key not in self._originals}
+        in_place = keep_in_place(list(fresh.values()), self.keep_originals_on_device)
+        for key, param in fresh.items():
             self._originals[key] = keep_original(param, in_place[param.device])
         try:
             self._write(contribs)

@@ -368,7 +368,8 @@ def main(argv=None) -> int:
     if a.profile:
         print_profiles(results, size["batches"], a.profile)
     if not torch.cuda.is_available():
-        print("MFU: n/a on the CPU (no measured bf16 matmul rate); GFLOP/step is the UNet forward+backward.")
+        print("MFU: n/a on the CPU (no measured bf16 matmul rate); GFLOP/step is the UNet forward+backward without "
+              "attention (torch's FLOP counter has no formula for the CPU attention kernel).")
     print(ratio_line(ratios))
     return 0
 

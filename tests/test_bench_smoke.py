@@ -37,7 +37,8 @@ def _check_output(lines: list[str], header: str, ratio_keys: tuple[str, ...]) ->
 @pytest.mark.slow
 def test_train_step_tiny_prints_table_and_ratios():
     lines = _run([sys.executable, "bench/train_step.py", "--size", "tiny", "--repeat", "1"])
-    _check_output(lines, "variant", ("steps_per_s@b1", "peak_mem@b1", "steps_per_s@b4", "peak_mem@b4"))
+    _check_output(lines, "variant", ("steps_per_s@b1", "peak_mem@b1", "saved_acts@b1", "steps_per_s@b4", "peak_mem@b4",
+                                     "saved_acts@b4"))
     assert any(ln.startswith("| ours ") for ln in lines) and any(ln.startswith("| baseline ") for ln in lines)
 
 

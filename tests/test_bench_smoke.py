@@ -104,3 +104,28 @@ def test_train_step_profile_shows_where_a_step_goes():
     assert len(rows) == 2, "\n".join(lines[start:])
     for row in rows:  # step ms and aten calls per step are measured numbers on the CPU too; GPU columns say n/a
         assert float(row[3]) > 0 and int(row[7].replace(",", "")) > 100 and row[4].strip() == "n/a", row
+
+
+def test_saved_activations_counts_each_kept_storage_once_without_the_weights():
+    import torch
+
+    from bench.common import SavedActivations
+
+    weight = torch.randn(1000)                      # a model weight: kept by the mul, but not an activation
+
+    def step(counter, done):
+        x = torch.randn(1000, requires_grad=True)
+        h = x * 2.0                                 # keeps nothing (a constant factor)
+        # h * weight keeps the weight only (the weight needs no gradient, so h is not kept); each exp keeps its
+        # output and the product keeps the same two tensors again: two storages, each counted once
+        y = (h * weight).sum() + (h.exp() * h.exp()).sum()
+        y.backward()
+        counter.after_step(done)
+
+    acts = SavedActivations(at=1, weights=lambda: [weight])
+    step(acts, 1)                                   # not measured: the hooks start after step 1
+    assert acts.bytes is None
+    step(acts, 2)                                   # measured
+    assert acts.bytes == 2 * 1000 * 4                # the two exp outputs; not the weight
+    step(acts, 3)                                   # after the measured step nothing changes
+    assert acts.bytes == 2 * 1000 * 4

@@ -1,4 +1,5 @@
-"""What a run writes: the kohya LoRA with its metadata, loss.csv + loss.png, and resumable training state.
+"""What a run writes: the kohya LoRA with its metadata, loss.csv + loss.png, and resumable training state (and
+reading that state back into a new run, `resume_run`).
 
 The state is our own small format rather than ``accelerator.save_state`` so that loading it never unpickles
 anything but plain tensors (``torch.load(weights_only=True)``) and so it names what it holds:
@@ -27,6 +28,7 @@ from ..family import Family
 from ..fileio import atomic_path, load_safetensors, save_safetensors_atomic, write_text_atomic
 from ..lora.formats import LoraModule
 from ..lora.writer import kohya_metadata, save_kohya_lora
+from ..progress import report
 from .config import TrainConfig
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -196,3 +198,29 @@ def check_resumable(cfg: TrainConfig, saved: dict, state_dir: Path) -> None:
             raise TrainingError(f"cannot resume from {state_dir}: it was trained with {key} = {saved[key]!r}, "
                                 f"but this run has {key} = {getattr(cfg, key)!r}. Use the same setting, or start "
                                 "a new run without --resume.")
+
+
+def resume_run(cfg: TrainConfig, run_dir: Path, named: dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
+            accelerator, progress) -> tuple[int, list[float], list[float]]:
+    """Load a saved state (``save_state``) into the freshly built run: LoRA weights, optimizer, LR scheduler,
+    loss scaler and RNG states. Returns (step, losses, learning rates) so far."""
+    state_dir = find_state(cfg.resume, run_dir)
+    adapter, torch_state, info = load_state(state_dir)
+    check_resumable(cfg, info.get("config", {}), state_dir)
+    missing = sorted(set(named) - set(adapter))
+    if missing:
+        raise TrainingError(f"state {state_dir} lacks LoRA weights for {missing[:3]}; it belongs to another run. "
+                            "Resume from this run's own state folder, or start without --resume.")
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(adapter[k].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch_state["optimizer"])
+    lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
+    if accelerator.scaler is not None and torch_state.get("scaler"):
+        accelerator.scaler.load_state_dict(torch_state["scaler"])
+    torch.set_rng_state(torch_state["rng_cpu"])
+    if torch.cuda.is_available() and torch_state.get("rng_cuda"):
+        torch.cuda.set_rng_state_all(torch_state["rng_cuda"])
+    step = int(info["step"])
+    report(progress, "train", step, cfg.steps, f"resumed from {state_dir} at step {step}")
+    return step, list(info["losses"]), list(info["lrs"])

@@ -31,7 +31,7 @@ from .lean import lean_backward
 from .objective import diffusion_loss, sample_noise
 from .outputs import RunWriter
 from .placement import Offloader, Placement, frozen_dtypes, wants_channels_last
-from .save import check_resumable, find_state, load_state
+from .save import resume_run
 
 
 @dataclass
@@ -270,7 +270,7 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
     named = {f"{inj.prefix}::{k}": p for inj in injected for k, p in inj.named_parameters().items()}
     step, losses, lrs = 0, [], []
     if cfg.resume:
-        step, losses, lrs = _resume(cfg, writer.run_dir, named, optimizer, lr_scheduler, accelerator, progress)
+        step, losses, lrs = resume_run(cfg, writer.run_dir, named, optimizer, lr_scheduler, accelerator, progress)
 
     def save_state() -> Path:
         torch_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
@@ -373,31 +373,6 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
         callbacks.on_save(step, lora_path)
     report(progress, "train", step, cfg.steps, f"{'stopped' if stopped else 'done'}: {lora_path}")
     return TrainResult(lora_path, step, losses, writer.run_dir, stopped, trainable, base_params, writer.samples)
-
-
-def _resume(cfg: TrainConfig, run_dir: Path, named: dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
-            accelerator, progress) -> tuple[int, list[float], list[float]]:
-    """Load a saved state into the freshly built run; returns (step, losses, learning rates) so far."""
-    state_dir = find_state(cfg.resume, run_dir)
-    adapter, torch_state, info = load_state(state_dir)
-    check_resumable(cfg, info.get("config", {}), state_dir)
-    missing = sorted(set(named) - set(adapter))
-    if missing:
-        raise TrainingError(f"state {state_dir} lacks LoRA weights for {missing[:3]}; it belongs to another run. "
-                            "Resume from this run's own state folder, or start without --resume.")
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(adapter[k].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch_state["optimizer"])
-    lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
-    if accelerator.scaler is not None and torch_state.get("scaler"):
-        accelerator.scaler.load_state_dict(torch_state["scaler"])
-    torch.set_rng_state(torch_state["rng_cpu"])
-    if torch.cuda.is_available() and torch_state.get("rng_cuda"):
-        torch.cuda.set_rng_state_all(torch_state["rng_cuda"])
-    step = int(info["step"])
-    report(progress, "train", step, cfg.steps, f"resumed from {state_dir} at step {step}")
-    return step, list(info["losses"]), list(info["lrs"])
 
 
 def _epoch_ended(step: int, batches_per_step: int, batches_per_epoch: int) -> int:

@@ -1,5 +1,5 @@
 """What a run writes: the kohya LoRA with its metadata, loss.csv + loss.png, and resumable training state (and
-reading that state back into a new run, `resume_run`).
+reading that state back into a new run, ``resume_run``).
 
 The state is our own small format rather than ``accelerator.save_state`` so that loading it never unpickles
 anything but plain tensors (``torch.load(weights_only=True)``) and so it names what it holds:

@@ -4,63 +4,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench.common import SavedActivations
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
 from lora_studio.lora.formats import read_lora
-from lora_studio.train.adapters import inject_lora, skip_input_casts
 from lora_studio.train.config import TrainConfig
 from lora_studio.train.lean import lean_backward
 from lora_studio.train.trainer import TrainCallbacks, train
 from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
-
-
-def _lora_unet(dtype: torch.dtype, channels_last: bool = False, targets=("to_q", "to_k", "to_v", "to_out.0")):
-    """The demo UNet, frozen in ``dtype``, with fp32 LoRA layers whose B is not zero (so gradients flow)."""
-    unet = random_demo_pipeline().unet.requires_grad_(False).to(dtype)
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-    cfg = TrainConfig(rank=4)
-    inj = inject_lora(unet, cfg, list(targets), "lora_unet_")
-    gen = torch.Generator().manual_seed(3)
-    for p in inj.parameters():
-        p.data = (torch.randn(p.shape, generator=gen) * 0.05).float()
-    if dtype != torch.float32:
-        skip_input_casts(inj, cfg)
-    return unet
+from unet_steps import lora_unet, unet_step
 
 
 def _step(unet, dtype: torch.dtype):
-    """One forward + backward; returns the output, every gradient (LoRA and the input's) and the bytes of the
-    activations kept for the backward (weights excluded, each storage once)."""
-    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    kept = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in weights:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=gen).requires_grad_(True)
-    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=states).sample
-            loss = F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
-    loss.backward()
-    grads = [p.grad.clone() for p in unet.parameters() if p.requires_grad] + [x.grad]
-    for p in unet.parameters():
-        p.grad = None
-    return out.detach(), grads, sum(kept.values())
+    """``unet_step``, and the bytes of the activations it kept for the backward (weights excluded)."""
+    acts = SavedActivations(at=0, weights=unet.parameters)
+    acts.after_step(0)
+    out, grads = unet_step(unet, dtype)
+    acts.after_step(1)
+    return out, grads, acts.bytes
 
 
 @pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, False),
                                                   (torch.bfloat16, True)])
 def test_lean_backward_keeps_less_and_changes_no_bit(dtype, channels_last):
-    unet = _lora_unet(dtype, channels_last)
+    unet, _, _ = lora_unet(dtype, channels_last=channels_last)
     out0, grads0, kept0 = _step(unet, dtype)
     with lean_backward(unet) as changed:
         out1, grads1, kept1 = _step(unet, dtype)
@@ -73,7 +41,7 @@ def test_lean_backward_keeps_less_and_changes_no_bit(dtype, channels_last):
 
 
 def test_trainable_convolutions_are_left_alone_and_forwards_come_back_even_after_an_error():
-    unet = _lora_unet(torch.float32, targets=("to_q", "conv1"))  # a LoCon: conv1 gets trainable LoRA convs
+    unet, _, _ = lora_unet(torch.float32, targets=("to_q", "conv1"))  # a LoCon: conv1 gets trainable LoRA convs
     trainable = [m for m in unet.modules() if type(m) is nn.Conv2d and m.weight.requires_grad]
     assert trainable
     with pytest.raises(RuntimeError, match="boom"):

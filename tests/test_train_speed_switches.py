@@ -19,6 +19,7 @@ from lora_studio.train.config import TrainConfig, load_preset
 from lora_studio.train.placement import Offloader, Placement, frozen_dtypes, wants_channels_last
 from lora_studio.train.trainer import TrainCallbacks, train
 from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
+from unet_steps import lora_unet, unet_step
 
 
 @pytest.fixture(scope="module")
@@ -313,26 +314,12 @@ def test_switch_defaults_are_safe_for_a_cpu_and_the_cli_sets_each():
 
 # ----------------------------------------------------------------------------- peft's input casts under autocast
 def _unet_step(dtype, skip: bool, **lora):
-    """One UNet forward + backward under autocast with fp32 LoRA weights, as the trainer runs it."""
-    from lora_studio.train.adapters import inject_lora, skip_input_casts
-
-    torch.manual_seed(0)
-    unet = random_demo_pipeline().unet.requires_grad_(False).to(dtype)
-    cfg = TrainConfig(rank=4, **lora)
-    inj = inject_lora(unet, cfg, ["to_q", "to_k", "to_v", "to_out.0"], "lora_unet_")
-    gen = torch.Generator().manual_seed(1)
-    for p in inj.parameters():  # non-zero B too, so every LoRA path carries gradient into its input
-        p.data = (torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if p.dim() == 1 else 0.0)).float()
-    skipped = skip_input_casts(inj, cfg) if skip else 0
-    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=gen).requires_grad_(True)
-    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    """One step of the LoRA'd demo UNet; also counts the casts (``aten::_to_copy``) it made."""
+    unet, inj, skipped = lora_unet(dtype, skip_casts=skip, **lora)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        with torch.autocast("cpu", dtype=dtype):
-            out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=states).sample
-            loss = out.float().pow(2).mean()
-        loss.backward()
+        out, grads = unet_step(unet, dtype)
     copies = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
-    return out.detach(), [p.grad for p in inj.parameters()] + [x.grad], skipped, len(inj.layers), copies
+    return out, grads, skipped, len(inj.layers), copies
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 # OpenMP's wait policy is left at its default, which is what the app runs with. (An earlier version set
 # OMP_WAIT_POLICY=PASSIVE to be kind to a shared machine; that made every small parallel op pay a thread
@@ -163,19 +164,21 @@ class StepProfiler:
 
 class SavedActivations:
     """The bytes of the tensors autograd keeps for the backward pass during one training step, each storage
-    once and the model's weights excluded: a step's activation memory, the same on any device (so measurable
-    on a CPU, where the process's peak is the model). The step measured is the one after the first ``at``
-    (call ``after_step`` with the number of steps done after each one)."""
+    once and the model's weights excluded: a step's activation memory. It depends on the device only through
+    autocast's per-device op lists: CUDA runs group/layer norms (and nearest upsampling) in fp32 and the CPU
+    does not, so a CPU run under ``emulate_cuda_autocast`` counts what a GPU step keeps. The step measured is
+    the one after the first ``at`` (call ``after_step`` with the number of steps done after each one)."""
 
     def __init__(self, at: int, weights: Callable[[], Sequence]):
         self.at, self._weights = at, weights
         self._hooks, self._skip, self._kept = None, set(), {}
         self.bytes: int | None = None
+        self.by_dtype: dict[str, int] = {}
 
     def _pack(self, t):
         st = t.untyped_storage()
         if st.data_ptr() not in self._skip:
-            self._kept[st.data_ptr()] = st.nbytes()
+            self._kept[st.data_ptr()] = (st.nbytes(), str(t.dtype).removeprefix("torch."))
         return t
 
     def after_step(self, done: int) -> None:
@@ -187,7 +190,42 @@ class SavedActivations:
             self._hooks.__enter__()
         elif done == self.at + 1 and self._hooks is not None:
             self._hooks.__exit__(None, None, None)
-            self.bytes = sum(self._kept.values())
+            self.bytes = sum(n for n, _ in self._kept.values())
+            for n, dtype in self._kept.values():
+                self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + n
+
+
+# ops CUDA's autocast runs in fp32 and the CPU's runs in the input's dtype (torch 2.11-2.13; see
+# torch._C._dispatch_dump("aten::group_norm"): only the Autocast<device> keys listed there cast)
+CUDA_FP32_OPS = ("group_norm", "layer_norm", "upsample_nearest2d", "upsample_nearest2d.vec")
+
+
+@contextmanager
+def emulate_cuda_autocast() -> Iterator[None]:
+    """While inside, CPU autocast casts to fp32 where CUDA autocast does (``CUDA_FP32_OPS``), so a CPU run keeps
+    for the backward what a GPU run keeps, and code that must match autocast bit for bit is tested against
+    CUDA's rules. Registers AutocastCPU kernels on the aten library; they go again on leaving."""
+    import torch
+
+    skip = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def fp32(a):
+        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
+
+    def kernel(op):
+        def run(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(skip):
+                return op(*map(fp32, args), **{k: fp32(v) for k, v in kwargs.items()})
+        return run
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        for name in CUDA_FP32_OPS:
+            base, _, overload = name.partition(".")
+            lib.impl(name, kernel(getattr(getattr(torch.ops.aten, base), overload or "default")), "AutocastCPU")
+        yield
+    finally:
+        lib._destroy()
 
 
 # --------------------------------------------------------------------------- workers

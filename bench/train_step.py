@@ -10,7 +10,8 @@ Ours is ``lora_studio.train.train`` on the same fp32 pipeline, handed over (``gi
 baseline owns its pipeline), with its speed switches (all defaults but
 compile): latents and every caption's text states encoded once before the first step (excluded from steps/s,
 reported as setup seconds), frozen weights cast to the mixed-precision dtype with fp32 LoRA weights
-(``cast_frozen_weights``), frozen convolutions and GEGLUs that keep less for the backward (``lean_backward``),
+(``cast_frozen_weights``), frozen convolutions, norms, SiLUs and GEGLUs that keep less for the backward
+(``lean_backward``),
 SDPA attention (diffusers' default processor), and on CUDA a channels-last UNet
 (``channels_last``), fused AdamW (``fused_optimizer``), the VAE and text encoder moved to the CPU once cached
 (``offload_cached_models``); ``--compile`` adds ``torch.compile`` of the UNet (``compile_unet``, CUDA only).
@@ -23,11 +24,14 @@ Each (variant, batch size, repetition) runs in its own process so peak memory is
     python bench/train_step.py --size sd15 --repeat 3 --compile
     python bench/train_step.py --size sd15 --repeat 1 --batches 1 --profile 3   # where a step goes
     python bench/train_step.py --size sd15 --repeat 1 --batches 1 --compile --compile-mode reduce-overhead
+    python bench/train_step.py --size sd15 --resolution 512 --batches 1 --steps 1 --repeat 1 --precision bf16 \
+        --cuda-autocast    # on a CPU: what a GPU step keeps for its backward ("kept for backward MiB")
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -35,8 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (SavedActivations, StepProfiler, emit, machine_summary, measured_matmul_tflops, median,  # noqa: E402
-                          mib, peak_rss_bytes, print_table, quiet_libraries, ratio_line, run_worker, safe_ratio)
+from bench.common import (SavedActivations, StepProfiler, emit, emulate_cuda_autocast, machine_summary,  # noqa: E402
+                          measured_matmul_tflops, median, mib, peak_rss_bytes, print_table, quiet_libraries,
+                          ratio_line, run_worker, safe_ratio)
 
 SIZES = {
     # model, resolution, batch sizes, mixed precision, warm-up steps, timed steps, dataset images
@@ -294,6 +299,8 @@ def parse_args(argv=None):
                    "reduce-overhead: CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed steps, run N more under "
                    "torch.profiler and show where a step goes (GPU busy time, kernels and aten ops per step)")
+    p.add_argument("--cuda-autocast", action="store_true", help="on a CPU: autocast follows CUDA's per-op rules "
+                   "(group/layer norms in fp32), so 'kept for backward' is what the same step keeps on a GPU")
     p.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -305,7 +312,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.worker:
         quiet_libraries()
-        emit((worker_ours if a.worker == "ours" else worker_baseline)(a))
+        with emulate_cuda_autocast() if a.cuda_autocast else contextlib.nullcontext():
+            emit((worker_ours if a.worker == "ours" else worker_baseline)(a))
         return 0
     import torch
 
@@ -324,10 +332,12 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     print("ours: cached latents + text states, " + ", ".join(
         [f"frozen weights in {size['precision']}" if size["precision"] != "no" else "fp32 (no mixed precision)",
-         "lean backward (frozen convs/GEGLUs keep less)"]
+         "lean backward (frozen convs, norms, SiLUs, GEGLUs keep less)"]
         + (["channels-last UNet", "fused AdamW", "VAE/text encoder offloaded after caching"] if cuda else [])
         + ([(f"torch.compile UNet (mode {a.compile_mode})" if cuda else "--compile ignored on the CPU")]
            if a.compile else [])))
+    if a.cuda_autocast:
+        print("autocast: CUDA's per-op rules on the CPU (--cuda-autocast): norms in fp32, as a GPU step runs them")
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         from bench.shapes import write_dataset
@@ -341,7 +351,8 @@ def main(argv=None) -> int:
                     args = ["--worker", variant, "--data", data, "--batch", batch, "--model", size["model"],
                             "--steps", size["steps"], "--warmup", size["warmup"], "--resolution", size["resolution"],
                             "--precision", size["precision"], "--profile", a.profile,
-                            "--compile-mode", a.compile_mode] + (["--compile"] if a.compile else [])
+                            "--compile-mode", a.compile_mode] + (["--compile"] if a.compile else []) \
+                        + (["--cuda-autocast"] if a.cuda_autocast else [])
                     results.setdefault((variant, batch), []).append(run_worker(script, args))
     rows, ratios = [], {}
     for batch in size["batches"]:

@@ -129,3 +129,26 @@ def test_saved_activations_counts_each_kept_storage_once_without_the_weights():
     assert acts.bytes == 2 * 1000 * 4                # the two exp outputs; not the weight
     step(acts, 3)                                   # after the measured step nothing changes
     assert acts.bytes == 2 * 1000 * 4
+    assert acts.by_dtype == {"float32": 2 * 1000 * 4}
+
+
+def test_emulated_cuda_autocast_runs_the_norms_in_fp32_inside_only():
+    import torch
+    import torch.nn.functional as F
+
+    from bench.common import emulate_cuda_autocast
+
+    x = torch.randn(1, 4, 3, 3, dtype=torch.bfloat16)
+
+    def dtypes():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (F.group_norm(x, 2).dtype, F.layer_norm(x, (3,)).dtype,
+                    F.interpolate(x, scale_factor=2.0, mode="nearest").dtype, F.silu(x).dtype)
+
+    assert dtypes() == (torch.bfloat16,) * 4        # the CPU's own rules
+    with emulate_cuda_autocast():
+        assert dtypes() == (torch.float32,) * 3 + (torch.bfloat16,)  # CUDA's (SiLU has no autocast rule)
+        ref = F.group_norm(x.float(), 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(F.group_norm(x, 2), ref)
+    assert dtypes() == (torch.bfloat16,) * 4        # gone again

@@ -10,13 +10,20 @@ LoRA's gradients need:
 * GEGLU, the feed-forward of every transformer block, computes ``hidden * gelu(gate)`` from one projection
   and keeps ``gelu(gate)`` beside the projection it came from. ``GegluProduct`` keeps the projection alone and
   recomputes the GELU in the backward: one more elementwise op per block.
+* CUDA's autocast runs group and layer norms in fp32 (the CPU's does not), and the built-in norm keeps the fp32
+  copy of its bf16/fp16 input: twice the bytes. ``LeanGroupNorm`` and ``LeanLayerNorm`` compute exactly what
+  autocast would (found per device by running it, ``AutocastPolicy``) and keep the input as it came.
+* every ResNet block runs SiLU on a group norm's output, and SiLU keeps its input, in fp32 under CUDA's
+  autocast. ``LeanSilu`` keeps nothing of its own and recomputes the norm from the norm's kept input in the
+  backward (one more memory-bound norm pass per block).
 
-Measured on the SD 1.5 UNet at 512 px, batch 1, bf16 autocast (the bytes of the tensors saved for the backward,
-weights excluded): 793 MiB without either, 585 MiB with both (0.74x); the convolutions alone give about 0.85x
-(bench/RESULTS.md). ``torch.compile`` finds such savings by itself; this is for the eager runs. The cost is
-Python: an autograd.Function call is about 13 us more per convolution and 7 us per GEGLU than the built-in
-path (micro-benchmark on this project's CPU), about 1.4 ms per SD 1.5 step; ``lean_backward=False`` saves it
-where memory is plentiful and steps are short.
+Measured at the SD 1.5 UNet, 512 px, batch 1, bf16 autocast, as the bytes of the tensors saved for the backward
+(weights excluded; bench/RESULTS.md): under the CPU's autocast rules 765 MiB for the diffusers example loop,
+511 MiB for ours with all of the above (570 with the convolutions and GEGLUs alone); under CUDA's rules
+(``bench/train_step.py --cuda-autocast``) 1,042 against 559 MiB (0.54x). ``torch.compile`` finds such savings by
+itself; this is for the eager runs. The cost is Python: each autograd.Function call is 10-20 us more than the
+built-in path (micro-benchmarks on this project's CPU), a few ms per SD 1.5 step; ``lean_backward=False``
+saves it where memory is plentiful and steps are short.
 Written by hand because neither torch nor diffusers offers it: ``torch.utils.checkpoint`` recomputes whole
 regions, which costs a second forward pass.
 """
@@ -75,6 +82,137 @@ class GegluProduct(torch.autograd.Function):
         return torch.cat([grad_hidden, grad_gate], dim=-1)
 
 
+_GROUP_NORM = torch.ops.aten.native_group_norm.default
+_GROUP_NORM_BACKWARD = torch.ops.aten.native_group_norm_backward.default
+_LAYER_NORM = torch.ops.aten.native_layer_norm.default
+_LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
+_SILU_BACKWARD = torch.ops.aten.silu_backward.default
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _suggested_layout(x: torch.Tensor) -> torch.memory_format:
+    """``Tensor.suggest_memory_format()``, which Python does not expose: the two dense 4-D layouts met here by
+    two quick checks, anything else by torch's own Python spelling of it (slower: ~5 us)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    from torch._prims_common import suggest_memory_format
+
+    return suggest_memory_format(x)
+
+
+def _group_norm_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor ``aten::group_norm`` hands to its kernel, and its autograd node keeps: ``x`` cast as autocast
+    casts it, made contiguous in the layout the kernel wants (the input's own on the CPU, NCHW elsewhere)."""
+    x = x.to(dtype)
+    return x.contiguous(memory_format=_suggested_layout(x)) if x.device.type == "cpu" else x.contiguous()
+
+
+def _group_norm(x_in: torch.Tensor, weight, bias, groups: int, eps: float, dtype: torch.dtype):
+    x = _group_norm_input(x_in, dtype)
+    n, c = x.shape[:2]
+    return _GROUP_NORM(x, _cast(weight, dtype), _cast(bias, dtype), n, c, x.numel() // max(n * c, 1), groups, eps)
+
+
+class LeanGroupNorm(torch.autograd.Function):
+    """``F.group_norm`` with a frozen affine, as autocast runs it (fp32 on CUDA), keeping ``x`` as it came.
+
+    Under CUDA's autocast the built-in path keeps the fp32 copy of a bf16/fp16 input: twice its bytes. The
+    output carries how to recompute it (``RECIPE``), so a ``LeanSilu`` right after it need not keep it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, dtype):
+        y, mean, rstd = _group_norm(x, weight, bias, groups, eps, dtype)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.conf = (groups, dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_in, mean, rstd, weight = ctx.saved_tensors
+        groups, dtype = ctx.conf
+        x = _group_norm_input(x_in, dtype)
+        n, c = x.shape[:2]
+        if grad.device.type == "cpu":  # the layouts autograd's own group-norm backward asks for
+            grad = grad.contiguous(memory_format=_suggested_layout(x))
+        elif grad.device.type != "xpu":
+            grad = grad.contiguous()
+        grad_x = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, _cast(weight, dtype), n, c, x.numel() // max(n * c, 1),
+                                      groups, _INPUT_GRAD_ONLY)[0]
+        return grad_x.to(x_in.dtype), None, None, None, None, None
+
+
+class LeanSilu(torch.autograd.Function):
+    """``F.silu(y)`` for ``y`` a ``LeanGroupNorm`` output: keeps nothing of its own and recomputes ``y`` from the
+    group norm's input in the backward (one more group-norm pass, memory-bound)."""
+
+    @staticmethod
+    def forward(ctx, y, x_in, weight, bias, groups, eps, dtype):
+        ctx.save_for_backward(x_in, weight, bias)
+        ctx.conf = (groups, eps, dtype)
+        return F.silu(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_in, weight, bias = ctx.saved_tensors
+        y = _group_norm(x_in, weight, bias, *ctx.conf)[0]
+        return _SILU_BACKWARD(grad, y), None, None, None, None, None, None
+
+
+class LeanLayerNorm(torch.autograd.Function):
+    """``F.layer_norm`` with a frozen affine where autocast runs it in fp32 (CUDA): keeps the half-precision
+    input instead of its fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, x_in, shape, weight, bias, eps, dtype):
+        y, mean, rstd = _LAYER_NORM(x_in.to(dtype), shape, _cast(weight, dtype), _cast(bias, dtype), eps)
+        ctx.save_for_backward(x_in, mean, rstd, weight, bias)
+        ctx.conf = (shape, dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_in, mean, rstd, weight, bias = ctx.saved_tensors
+        shape, dtype = ctx.conf
+        grad_x = _LAYER_NORM_BACKWARD(grad, x_in.to(dtype), shape, mean, rstd, _cast(weight, dtype),
+                                      _cast(bias, dtype), _INPUT_GRAD_ONLY)[0]
+        return grad_x.to(x_in.dtype), None, None, None, None, None
+
+
+RECIPE = "_lean_group_norm"  # the attribute a LeanGroupNorm output carries: (version, the LeanSilu arguments)
+
+
+class AutocastPolicy:
+    """The dtype the built-in norms compute in under the current autocast, found once per (op, device, dtypes)
+    by running the op on a tiny tensor: fp32 on CUDA, the input's own on the CPU (torch keeps these lists per
+    device). One instance per ``lean_backward`` block, so a policy change between runs is seen."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple, torch.dtype] = {}
+
+    def _autocast_dtype(self, op: str, device_type: str, dtype: torch.dtype) -> torch.dtype:
+        key = (op, device_type, torch.get_autocast_dtype(device_type), dtype)
+        if key not in self._found:
+            with torch.no_grad(), torch.autocast(device_type, dtype=key[2]):
+                t = torch.ones(1, 2, 2, dtype=dtype, device=device_type)
+                self._found[key] = (F.group_norm(t, 1) if op == "group_norm" else F.layer_norm(t, (2,))).dtype
+        return self._found[key]
+
+    def compute_dtype(self, op: str, x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype | None:
+        """The dtype the built-in ``op`` computes ``x`` in here, or None where its inputs mix dtypes without
+        autocast casting them (left to the built-in path)."""
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+            dtype = self._autocast_dtype(op, dev, x.dtype)
+            if dtype != x.dtype:
+                return dtype
+        return x.dtype if all(p is None or p.dtype == x.dtype for p in params) else None
+
+
 def _conv_forward(module: nn.Conv2d):
     # the Parameter objects stay the same while training runs (casts and moves swap their .data), so they and
     # the fixed settings are bound once instead of looked up through nn.Module on every call
@@ -93,16 +231,67 @@ def _geglu_forward(module: nn.Module):
     return forward
 
 
+def _grad_needed(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+def _group_norm_forward(module: nn.GroupNorm, policy: AutocastPolicy):
+    groups, eps, weight, bias = module.num_groups, module.eps, module.weight, module.bias
+
+    def forward(x):
+        dtype = policy.compute_dtype("group_norm", x, weight, bias) if _grad_needed(x) else None
+        if dtype is None:
+            return F.group_norm(x, groups, weight, bias, eps)
+        y = LeanGroupNorm.apply(x, weight, bias, groups, eps, dtype)
+        setattr(y, RECIPE, (y._version, (x.detach(), weight, bias, groups, eps, dtype)))
+        return y
+    return forward
+
+
+def _silu_forward(module: nn.SiLU):
+    inplace = module.inplace
+
+    def forward(y):
+        version, args = getattr(y, RECIPE, (None, None))
+        if version is None or version != y._version:  # not a group norm's output as it came out of it
+            return F.silu(y, inplace=inplace)
+        return LeanSilu.apply(y, *args)
+    return forward
+
+
+def _layer_norm_forward(module: nn.LayerNorm, policy: AutocastPolicy):
+    shape, eps, weight, bias = tuple(module.normalized_shape), module.eps, module.weight, module.bias
+
+    def forward(x):
+        dtype = policy.compute_dtype("layer_norm", x, weight, bias) if _grad_needed(x) else None
+        if dtype is None or dtype == x.dtype:  # kept as it is: nothing to gain without autocast's fp32 copy
+            return F.layer_norm(x, shape, weight, bias, eps)
+        return LeanLayerNorm.apply(x, shape, weight, bias, eps, dtype)
+    return forward
+
+
+def _frozen(m: nn.Module) -> bool:
+    return not any(p.requires_grad for p in m.parameters(recurse=False))
+
+
 def _lean_forwards(model: nn.Module) -> Iterator[tuple[nn.Module, object]]:
-    """(module, its lean forward) for every frozen plain convolution and every diffusers GEGLU in ``model``."""
+    """(module, its lean forward) for every frozen plain convolution, group norm and layer norm, every SiLU and
+    every diffusers GEGLU in ``model``. Exact types only: a subclass may compute something else."""
     from diffusers.models.activations import GEGLU
 
+    policy = AutocastPolicy()
     for m in model.modules():
-        if (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-                and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)):
+        kind = type(m)
+        if (kind is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str) and _frozen(m)):
             yield m, _conv_forward(m)
-        elif type(m) is GEGLU:  # its own subclasses may compute something else
+        elif kind is GEGLU:
             yield m, _geglu_forward(m)
+        elif kind is nn.GroupNorm and _frozen(m):
+            yield m, _group_norm_forward(m, policy)
+        elif kind is nn.SiLU:
+            yield m, _silu_forward(m)
+        elif kind is nn.LayerNorm and _frozen(m) and getattr(m, "bias", None) is not False:
+            yield m, _layer_norm_forward(m, policy)
 
 
 @contextmanager

@@ -290,7 +290,7 @@ def _lean_forwards(model: nn.Module) -> Iterator[tuple[nn.Module, object]]:
             yield m, _group_norm_forward(m, policy)
         elif kind is nn.SiLU:
             yield m, _silu_forward(m)
-        elif kind is nn.LayerNorm and _frozen(m) and getattr(m, "bias", None) is not False:
+        elif kind is nn.LayerNorm and _frozen(m):
             yield m, _layer_norm_forward(m, policy)
 
 

@@ -7,6 +7,10 @@ trainer and the mixer do only on CUDA:
   compiled (``compile_unet``, in the default mode and in "reduce-overhead", which replays CUDA graphs), each with channels-last, fused AdamW and the VAE/text encoder offloaded after
   caching: the losses are finite, the LoRA file is written with non-zero up weights, and the passed-in fp32
   CPU pipeline gets every weight back bit for bit (``give_back=True``, the default);
+* ``lean_backward`` under CUDA's own autocast (norms in fp32, which the CPU tests only emulate): one step of
+  the demo UNet (bf16 and fp16, channels-last, fp32 LoRA layers) with and without it gives the same output and
+  gradients (compared with how much two plain steps differ, in case a kernel is not deterministic) and keeps
+  less for the backward;
 * ``LoraMixer`` on a CUDA pipeline, with W0 kept on the GPU and kept in CPU memory, writes the same fp32
   weights as on the CPU (to fp32 rounding), also after a strength change, and ``restore`` puts W0 back
   exactly.
@@ -76,6 +80,59 @@ def check_train(precision: str, compile_unet: bool, tmp: Path, compile_mode: str
            f"{len(lf.modules)} modules written, weights given back bit for bit"
 
 
+def _lean_step(unet, dtype, lean: bool):
+    """One forward + backward of ``unet`` under autocast: (output, gradients, bytes kept for the backward)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.common import SavedActivations
+    from lora_studio.train.lean import lean_backward
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 32, 32, generator=gen).to(DEVICE).requires_grad_(True)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen).to(DEVICE)
+    acts = SavedActivations(at=0, weights=unet.parameters)
+    acts.after_step(0)
+    with lean_backward(unet, lean), torch.autocast(DEVICE, dtype=dtype):
+        out = unet(x, torch.tensor([10, 500], device=DEVICE), encoder_hidden_states=states).sample
+        loss = F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
+    loss.backward()
+    acts.after_step(1)
+    grads = [p.grad.clone() for p in unet.parameters() if p.requires_grad] + [x.grad]
+    for p in unet.parameters():
+        p.grad = None
+    return out.detach(), grads, acts.bytes
+
+
+def check_lean(tmp: Path) -> str:
+    import torch
+
+    from bench.shapes import demo_pipeline
+    from lora_studio.train.adapters import inject_lora, skip_input_casts
+    from lora_studio.train.config import TrainConfig
+
+    said = []
+    for dtype in (torch.bfloat16, torch.float16):
+        unet = demo_pipeline().unet.requires_grad_(False).to(DEVICE, dtype).to(memory_format=torch.channels_last)
+        cfg = TrainConfig(rank=4)
+        inj = inject_lora(unet, cfg, ["to_q", "to_k", "to_v", "to_out.0"], "lora_unet_")
+        gen = torch.Generator().manual_seed(1)
+        for p in inj.parameters():  # non-zero B too, so every LoRA path carries gradient
+            p.data = (torch.randn(p.shape, generator=gen) * 0.05).float().to(DEVICE)
+        skip_input_casts(inj, cfg)
+        runs = [_lean_step(unet, dtype, lean) for lean in (False, False, True)]
+
+        def diff(a, b):
+            return max([(a[0] - b[0]).abs().max().item()] + [(g - h).abs().max().item() for g, h in zip(a[1], b[1])])
+
+        noise, lean_diff = diff(runs[0], runs[1]), diff(runs[0], runs[2])
+        assert lean_diff <= noise, f"{dtype}: lean differs from plain by {lean_diff:.2e}, plain from plain by {noise:.2e}"
+        assert runs[2][2] < 0.8 * runs[0][2], f"{dtype}: kept {runs[2][2]} bytes with lean, {runs[0][2]} without"
+        said.append(f"{str(dtype)[6:]}: max difference {lean_diff:.1e} (plain vs plain {noise:.1e}), kept "
+                    f"{runs[2][2] / 2**20:.1f} vs {runs[0][2] / 2**20:.1f} MiB")
+    return "; ".join(said)
+
+
 def check_mixer(tmp: Path) -> str:
     import torch
 
@@ -129,6 +186,7 @@ def main() -> int:
               ("train bf16 + torch.compile", lambda t: check_train("bf16", True, t)),
               ("train bf16 + torch.compile reduce-overhead (CUDA graphs)",
                lambda t: check_train("bf16", True, t, "reduce-overhead")),
+              ("lean_backward under CUDA's autocast", check_lean),
               ("mixer on CUDA", check_mixer)]
     failed = 0
     for name, fn in checks:

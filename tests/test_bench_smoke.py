@@ -152,3 +152,12 @@ def test_emulated_cuda_autocast_runs_the_norms_in_fp32_inside_only():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(F.group_norm(x, 2), ref)
     assert dtypes() == (torch.bfloat16,) * 4        # gone again
+
+
+def test_cuda_check_runs_its_checks_on_the_cpu_in_a_dry_run():
+    """The GPU checks only mean something on a GPU, but their code must not rot where there is none: a dry run
+    takes every check through the CPU."""
+    lines = _run([sys.executable, "bench/cuda_check.py", "--dry-run"])
+    passed = [ln for ln in lines if ln.startswith("PASS ")]
+    assert lines[-1] == f"{len(passed)} of {len(passed)} checks passed" and len(passed) >= 6, "\n".join(lines)
+    assert any(ln.startswith("PASS lean_backward") and "max difference 0.0e+00" in ln for ln in passed)

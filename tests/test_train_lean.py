@@ -135,3 +135,30 @@ def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precis
     assert loss1 == loss0
     assert mods1.keys() == mods0.keys()
     assert all(torch.equal(mods1[k].tensors[s], mods0[k].tensors[s]) for k in mods1 for s in mods1[k].tensors)
+
+
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        n = todo.pop()
+        if n is not None and type(n).__name__ not in seen:
+            seen.add(type(n).__name__)
+            todo += [f for f, _ in n.next_functions]
+    return seen
+
+
+def test_under_torch_compile_the_modules_own_forwards_run_and_the_graph_stays_whole():
+    """Compiling plans what the backward keeps by itself; a lean forward's tensor tag would break the graph."""
+    import torch._dynamo
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(), nn.LayerNorm(6))
+    model.requires_grad_(False)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    with lean_backward(model):
+        eager = model(x)
+        assert {"LeanSiluBackward", "LeanGroupNormBackward", "FrozenConv2dBackward"} <= _graph_nodes(eager)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(model, backend="eager")(x)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert torch.allclose(compiled, eager, atol=1e-6)

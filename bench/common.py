@@ -195,8 +195,10 @@ class SavedActivations:
                 self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + n
 
 
-# ops CUDA's autocast runs in fp32 and the CPU's runs in the input's dtype (torch 2.11-2.13; see
-# torch._C._dispatch_dump("aten::group_norm"): only the Autocast<device> keys listed there cast)
+# The ops of a UNet training step that CUDA's autocast runs in fp32 and the CPU's leaves in the input's dtype
+# (torch 2.13: of the ops a demo-UNet step calls, those whose torch._C._dispatch_dump lists AutocastCUDA and not
+# AutocastCPU are these, exp and sum, which meet only fp32 inputs there, and convolution, which the CPU casts
+# one level up at conv2d)
 CUDA_FP32_OPS = ("group_norm", "layer_norm", "upsample_nearest2d", "upsample_nearest2d.vec")
 
 

@@ -80,47 +80,20 @@ def check_train(precision: str, compile_unet: bool, tmp: Path, compile_mode: str
            f"{len(lf.modules)} modules written, weights given back bit for bit"
 
 
-def _lean_step(unet, dtype, lean: bool):
-    """One forward + backward of ``unet`` under autocast: (output, gradients, bytes kept for the backward)."""
-    import torch
-    import torch.nn.functional as F
-
-    from bench.common import SavedActivations
-    from lora_studio.train.lean import lean_backward
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, unet.config.in_channels, 32, 32, generator=gen).to(DEVICE).requires_grad_(True)
-    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen).to(DEVICE)
-    acts = SavedActivations(at=0, weights=unet.parameters)
-    acts.after_step(0)
-    with lean_backward(unet, lean), torch.autocast(DEVICE, dtype=dtype):
-        out = unet(x, torch.tensor([10, 500], device=DEVICE), encoder_hidden_states=states).sample
-        loss = F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
-    loss.backward()
-    acts.after_step(1)
-    grads = [p.grad.clone() for p in unet.parameters() if p.requires_grad] + [x.grad]
-    for p in unet.parameters():
-        p.grad = None
-    return out.detach(), grads, acts.bytes
-
-
 def check_lean(tmp: Path) -> str:
     import torch
 
-    from bench.shapes import demo_pipeline
-    from lora_studio.train.adapters import inject_lora, skip_input_casts
-    from lora_studio.train.config import TrainConfig
+    from bench.unet_steps import kept_step, lora_unet
+    from lora_studio.train.lean import lean_backward
 
     said = []
     for dtype in (torch.bfloat16, torch.float16):
-        unet = demo_pipeline().unet.requires_grad_(False).to(DEVICE, dtype).to(memory_format=torch.channels_last)
-        cfg = TrainConfig(rank=4)
-        inj = inject_lora(unet, cfg, ["to_q", "to_k", "to_v", "to_out.0"], "lora_unet_")
-        gen = torch.Generator().manual_seed(1)
-        for p in inj.parameters():  # non-zero B too, so every LoRA path carries gradient
-            p.data = (torch.randn(p.shape, generator=gen) * 0.05).float().to(DEVICE)
-        skip_input_casts(inj, cfg)
-        runs = [_lean_step(unet, dtype, lean) for lean in (False, False, True)]
+        unet, _, _ = lora_unet(dtype, channels_last=True, device=DEVICE)
+        runs = []
+        for lean in (False, False, True):
+            with lean_backward(unet, lean):
+                out, grads, acts = kept_step(unet, dtype, size=32)
+            runs.append((out, grads, acts.bytes))
 
         def diff(a, b):
             return max([(a[0] - b[0]).abs().max().item()] + [(g - h).abs().max().item() for g, h in zip(a[1], b[1])])

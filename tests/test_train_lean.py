@@ -8,23 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from bench.common import SavedActivations, emulate_cuda_autocast
+from bench.common import emulate_cuda_autocast
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
 from lora_studio.lora.formats import read_lora
 from lora_studio.train.config import TrainConfig
 from lora_studio.train.lean import lean_backward
 from lora_studio.train.trainer import TrainCallbacks, train
 from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
-from unet_steps import lora_unet, unet_step
-
-
-def _step(unet, dtype: torch.dtype):
-    """``unet_step``, and what it kept for the backward (weights excluded)."""
-    acts = SavedActivations(at=0, weights=unet.parameters)
-    acts.after_step(0)
-    out, grads = unet_step(unet, dtype)
-    acts.after_step(1)
-    return out, grads, acts
+from bench.unet_steps import kept_step, lora_unet
 
 
 def _autocast_rules(cuda: bool):
@@ -39,9 +30,9 @@ def _autocast_rules(cuda: bool):
 def test_lean_backward_keeps_less_and_changes_no_bit(dtype, channels_last, cuda_rules):
     unet, _, _ = lora_unet(dtype, channels_last=channels_last)
     with _autocast_rules(cuda_rules):
-        out0, grads0, kept0 = _step(unet, dtype)
+        out0, grads0, kept0 = kept_step(unet, dtype)
         with lean_backward(unet) as changed:
-            out1, grads1, kept1 = _step(unet, dtype)
+            out1, grads1, kept1 = kept_step(unet, dtype)
     kinds = {nn.Conv2d, nn.GroupNorm, nn.SiLU, nn.LayerNorm}
     assert changed > sum(type(m) in kinds for m in unet.modules()) > 0  # all of these, and the GEGLUs
     assert kept1.bytes < 0.8 * kept0.bytes         # the point of it

@@ -19,7 +19,7 @@ from lora_studio.train.config import TrainConfig, load_preset
 from lora_studio.train.placement import Offloader, Placement, frozen_dtypes, wants_channels_last
 from lora_studio.train.trainer import TrainCallbacks, train
 from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
-from unet_steps import lora_unet, unet_step
+from bench.unet_steps import lora_unet, unet_step
 
 
 @pytest.fixture(scope="module")

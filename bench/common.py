@@ -190,9 +190,9 @@ class SavedActivations:
             self._hooks.__enter__()
         elif done == self.at + 1 and self._hooks is not None:
             self._hooks.__exit__(None, None, None)
-            self.bytes = sum(n for n, _ in self._kept.values())
             for n, dtype in self._kept.values():
                 self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + n
+            self.bytes = sum(self.by_dtype.values())
 
 
 # The ops of a UNet training step that CUDA's autocast runs in fp32 and the CPU's leaves in the input's dtype
@@ -203,10 +203,14 @@ CUDA_FP32_OPS = ("group_norm", "layer_norm", "upsample_nearest2d", "upsample_nea
 
 
 @contextmanager
-def emulate_cuda_autocast() -> Iterator[None]:
+def emulate_cuda_autocast(enabled: bool = True) -> Iterator[None]:
     """While inside, CPU autocast casts to fp32 where CUDA autocast does (``CUDA_FP32_OPS``), so a CPU run keeps
     for the backward what a GPU run keeps, and code that must match autocast bit for bit is tested against
-    CUDA's rules. Registers AutocastCPU kernels on the aten library; they go again on leaving."""
+    CUDA's rules. Registers AutocastCPU kernels on the aten library; they go again on leaving. With
+    ``enabled=False`` it does nothing (the CPU's own rules)."""
+    if not enabled:
+        yield
+        return
     import torch
 
     skip = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)

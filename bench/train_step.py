@@ -31,7 +31,6 @@ Each (variant, batch size, repetition) runs in its own process so peak memory is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -312,7 +311,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.worker:
         quiet_libraries()
-        with emulate_cuda_autocast() if a.cuda_autocast else contextlib.nullcontext():
+        with emulate_cuda_autocast(a.cuda_autocast):
             emit((worker_ours if a.worker == "ours" else worker_baseline)(a))
         return 0
     import torch

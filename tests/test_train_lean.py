@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -18,10 +16,6 @@ from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch th
 from bench.unet_steps import kept_step, lora_unet
 
 
-def _autocast_rules(cuda: bool):
-    return emulate_cuda_autocast() if cuda else contextlib.nullcontext()
-
-
 @pytest.mark.parametrize("dtype, channels_last, cuda_rules", [
     (torch.float32, False, False), (torch.bfloat16, False, False), (torch.bfloat16, True, False),
     (torch.bfloat16, False, True), (torch.bfloat16, True, True), (torch.float16, True, True),
@@ -29,7 +23,7 @@ def _autocast_rules(cuda: bool):
         "fp16-channels-last-cuda-autocast"])
 def test_lean_backward_keeps_less_and_changes_no_bit(dtype, channels_last, cuda_rules):
     unet, _, _ = lora_unet(dtype, channels_last=channels_last)
-    with _autocast_rules(cuda_rules):
+    with emulate_cuda_autocast(cuda_rules):
         out0, grads0, kept0 = kept_step(unet, dtype)
         with lean_backward(unet) as changed:
             out1, grads1, kept1 = kept_step(unet, dtype)
@@ -116,7 +110,7 @@ def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precis
         def lean_modules():  # the UNet itself gets accelerate's autocast wrapper under mixed precision
             return sum("forward" in m.__dict__ for m in pipe.unet.modules() if m is not pipe.unet)
 
-        with _autocast_rules(cuda_rules):
+        with emulate_cuda_autocast(cuda_rules):
             res = train(cfg, pipeline=pipe,
                         callbacks=TrainCallbacks(on_step=lambda s, l: during.append(lean_modules())))
         assert (min(during) > 0) if lean else (max(during) == 0)
@@ -129,13 +123,14 @@ def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precis
 
 
 def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """The type names of every autograd node ``t`` was made through."""
     seen, todo = set(), [t.grad_fn]
     while todo:
         n = todo.pop()
-        if n is not None and type(n).__name__ not in seen:
-            seen.add(type(n).__name__)
+        if n is not None and n not in seen:
+            seen.add(n)
             todo += [f for f, _ in n.next_functions]
-    return seen
+    return {type(n).__name__ for n in seen}
 
 
 def test_under_torch_compile_the_modules_own_forwards_run_and_the_graph_stays_whole():

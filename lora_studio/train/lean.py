@@ -112,10 +112,15 @@ def _group_norm_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.contiguous(memory_format=_suggested_layout(x)) if x.device.type == "cpu" else x.contiguous()
 
 
+def _group_norm_sizes(x: torch.Tensor) -> tuple[int, int, int]:
+    """(N, C, HxW) as the group-norm kernels take them."""
+    n, c = x.shape[:2]
+    return n, c, x.numel() // max(n * c, 1)
+
+
 def _group_norm(x_in: torch.Tensor, weight, bias, groups: int, eps: float, dtype: torch.dtype):
     x = _group_norm_input(x_in, dtype)
-    n, c = x.shape[:2]
-    return _GROUP_NORM(x, _cast(weight, dtype), _cast(bias, dtype), n, c, x.numel() // max(n * c, 1), groups, eps)
+    return _GROUP_NORM(x, _cast(weight, dtype), _cast(bias, dtype), *_group_norm_sizes(x), groups, eps)
 
 
 class LeanGroupNorm(torch.autograd.Function):
@@ -136,13 +141,12 @@ class LeanGroupNorm(torch.autograd.Function):
         x_in, mean, rstd, weight = ctx.saved_tensors
         groups, dtype = ctx.conf
         x = _group_norm_input(x_in, dtype)
-        n, c = x.shape[:2]
         if grad.device.type == "cpu":  # the layouts autograd's own group-norm backward asks for
             grad = grad.contiguous(memory_format=_suggested_layout(x))
         elif grad.device.type != "xpu":
             grad = grad.contiguous()
-        grad_x = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, _cast(weight, dtype), n, c, x.numel() // max(n * c, 1),
-                                      groups, _INPUT_GRAD_ONLY)[0]
+        grad_x = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, _cast(weight, dtype), *_group_norm_sizes(x), groups,
+                                      _INPUT_GRAD_ONLY)[0]
         return grad_x.to(x_in.dtype), None, None, None, None, None
 
 

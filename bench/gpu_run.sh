@@ -48,12 +48,12 @@ if want smoke; then
     run smoke 90 bench/train_step.py --size tiny --batches 1 --warmup 1 --steps 2 --repeat 1 --precision bf16 || exit 1
     grep -q "^RATIO" "$OUT/smoke.txt" || { echo "smoke run printed no ratio line: stopping"; exit 1; }
 fi
-want cuda_check && run cuda_check 120 bench/cuda_check.py $([ "${SMOKE:-0}" = 1 ] && echo --dry-run)
 want mix_sd15_cuda && run mix_sd15_cuda 70 bench/mix_apply.py --size "$(size sd15)" --repeat 3 --dtype bf16 --device "$dev"
-want profile_sd15 && run profile_sd15 120 bench/train_step.py --size "$(size sd15)" --repeat 1 --profile 3
-want compile_sd15_b1 && run compile_sd15_b1 200 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 1 \
+want cuda_check && run cuda_check 150 bench/cuda_check.py $([ "${SMOKE:-0}" = 1 ] && echo --dry-run)
+want train_sd15 && run train_sd15 150 bench/train_step.py --size "$(size sd15)" --repeat 1
+want compile_sd15_b1 && run compile_sd15_b1 220 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 1 \
     --compile --compile-mode reduce-overhead
-want train_sd15 && run train_sd15 240 bench/train_step.py --size "$(size sd15)" --repeat 2
+want profile_sd15 && run profile_sd15 90 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 1 --profile 3
 # one file for both batch sizes (the device tool returns at most 8 files); separate runs, so one can fail alone
 want train_sdxl && run train_sdxl 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 1
 want train_sdxl && run train_sdxl 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 2

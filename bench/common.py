@@ -144,7 +144,7 @@ class StepProfiler:
             self.wall = time.perf_counter() - self._t0
             self._prof.__exit__(None, None, None)
 
-    def summary(self, top: int = 5) -> dict | None:
+    def summary(self, top: int = 10) -> dict | None:
         if self._prof is None or not self.wall:
             return None
         from torch.autograd import DeviceType

@@ -161,6 +161,8 @@ def main() -> int:
                lambda t: check_train("bf16", True, t, "reduce-overhead")),
               ("lean_backward under CUDA's autocast", check_lean),
               ("mixer on CUDA", check_mixer)]
+    only = [w for w in sys.argv[1:] if not w.startswith("--")]  # words: run the checks whose names hold one
+    checks = [(name, fn) for name, fn in checks if not only or any(w in name for w in only)]
     failed = 0
     for name, fn in checks:
         with tempfile.TemporaryDirectory(prefix="cuda-check-") as tmp:

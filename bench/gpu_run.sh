@@ -49,11 +49,14 @@ if want smoke; then
     grep -q "^RATIO" "$OUT/smoke.txt" || { echo "smoke run printed no ratio line: stopping"; exit 1; }
 fi
 want mix_sd15_cuda && run mix_sd15_cuda 70 bench/mix_apply.py --size "$(size sd15)" --repeat 3 --dtype bf16 --device "$dev"
-want cuda_check && run cuda_check 150 bench/cuda_check.py $([ "${SMOKE:-0}" = 1 ] && echo --dry-run)
+want cuda_check && run cuda_check 150 bench/cuda_check.py $([ "${SMOKE:-0}" = 1 ] && echo --dry-run) ${CHECKS:-}
 want train_sd15 && run train_sd15 150 bench/train_step.py --size "$(size sd15)" --repeat 1
 want compile_sd15_b1 && run compile_sd15_b1 220 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 1 \
     --compile --compile-mode reduce-overhead
 want profile_sd15 && run profile_sd15 90 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 1 --profile 3
+# what lean_backward costs on the GPU: ours with and without it at batch 4, each against the baseline, profiled
+want lean_ab && run lean_ab 110 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 4 --profile 2
+want lean_ab && run lean_ab 110 bench/train_step.py --size "$(size sd15)" --repeat 1 --batches 4 --profile 2 --no-lean
 # one file for both batch sizes (the device tool returns at most 8 files); separate runs, so one can fail alone
 want train_sdxl && run train_sdxl 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 1
 want train_sdxl && run train_sdxl 110 bench/train_step.py --size "$(size sdxl)" --repeat 1 --batches 2

@@ -100,7 +100,8 @@ def worker_ours(a) -> dict:
                       rank=RANK, alpha=float(RANK), target_modules=list(TARGETS),
                       steps=a.warmup + a.steps + a.profile + 1,
                       batch_size=a.batch, learning_rate=LR, mixed_precision=a.precision, cache_latents="memory",
-                      cache_text_embeddings=True, seed=0, max_grad_norm=1.0, **OURS_SWITCHES,
+                      cache_text_embeddings=True, seed=0, max_grad_norm=1.0,
+                      **{**OURS_SWITCHES, "lean_backward": not a.no_lean},
                       compile_unet=bool(a.compile), compile_mode=a.compile_mode)
     times: list[float] = []
     prof = StepProfiler(device, a.warmup + a.steps, a.profile)
@@ -298,6 +299,7 @@ def parse_args(argv=None):
                    "reduce-overhead: CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed steps, run N more under "
                    "torch.profiler and show where a step goes (GPU busy time, kernels and aten ops per step)")
+    p.add_argument("--no-lean", action="store_true", help="ours without lean_backward (to see what it costs)")
     p.add_argument("--cuda-autocast", action="store_true", help="on a CPU: autocast follows CUDA's per-op rules "
                    "(group/layer norms in fp32), so 'kept for backward' is what the same step keeps on a GPU")
     p.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
@@ -331,7 +333,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     print("ours: cached latents + text states, " + ", ".join(
         [f"frozen weights in {size['precision']}" if size["precision"] != "no" else "fp32 (no mixed precision)",
-         "lean backward (frozen convs, norms, SiLUs, GEGLUs keep less)"]
+         "no lean backward (--no-lean)" if a.no_lean else "lean backward (frozen convs, norms, SiLUs, GEGLUs keep less)"]
         + (["channels-last UNet", "fused AdamW", "VAE/text encoder offloaded after caching"] if cuda else [])
         + ([(f"torch.compile UNet (mode {a.compile_mode})" if cuda else "--compile ignored on the CPU")]
            if a.compile else [])))
@@ -351,6 +353,7 @@ def main(argv=None) -> int:
                             "--steps", size["steps"], "--warmup", size["warmup"], "--resolution", size["resolution"],
                             "--precision", size["precision"], "--profile", a.profile,
                             "--compile-mode", a.compile_mode] + (["--compile"] if a.compile else []) \
+                        + (["--no-lean"] if a.no_lean else []) \
                         + (["--cuda-autocast"] if a.cuda_autocast else [])
                     results.setdefault((variant, batch), []).append(run_worker(script, args))
     rows, ratios = [], {}

@@ -10,7 +10,14 @@ from lora_studio.errors import ConfigError
 from lora_studio.train.config import PRESETS_DIR, TrainConfig, load_preset
 
 
-@pytest.mark.parametrize("name", ["demo-cpu", "style-sd15", "style-sdxl"])
+TRAIN_PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.json") if not p.stem.startswith("mix"))
+
+
+def test_the_training_presets_are_found():
+    assert {"demo-cpu", "style-sd15", "style-sd15-fast", "style-sdxl"} <= set(TRAIN_PRESETS)
+
+
+@pytest.mark.parametrize("name", TRAIN_PRESETS)
 def test_shipped_presets_load(name):
     cfg = load_preset(name)
     assert isinstance(cfg, TrainConfig)

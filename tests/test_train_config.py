@@ -7,10 +7,10 @@ import json
 import pytest
 
 from lora_studio.errors import ConfigError
-from lora_studio.train.config import PRESETS_DIR, TrainConfig, load_preset
+from lora_studio.train.config import PRESETS_DIR, TrainConfig, list_presets, load_preset
 
 
-TRAIN_PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.json") if not p.stem.startswith("mix"))
+TRAIN_PRESETS = [name for name in list_presets() if not name.startswith("mix")]  # as the GUI lists them
 
 
 def test_the_training_presets_are_found():

@@ -310,9 +310,9 @@ def test_out_of_memory_in_a_step_is_advice_and_leaves_the_pipeline_clean(data, t
 
 
 # --------------------------------------------------------------------------- security: where the GUI listens
-def test_gui_binds_localhost_unless_told_and_warns_without_auth(monkeypatch, tmp_path, capsys):
+def test_gui_binds_localhost_unless_told_and_refuses_the_network_without_auth(monkeypatch, tmp_path, capsys):
     import lora_studio.ui.app as ui_app
-    from lora_studio.ui.launch import exposure_warning, launch_from_args, parse_args
+    from lora_studio.ui.launch import exposure_refusal, launch_from_args, parse_args
 
     launched = []
 
@@ -328,13 +328,16 @@ def test_gui_binds_localhost_unless_told_and_warns_without_auth(monkeypatch, tmp
     assert launch_from_args(["--outputs", out, "--no-browser", "--port", "7999"]) == 0
     assert launched[-1]["server_name"] == "127.0.0.1" and launched[-1]["share"] is False
     assert launched[-1]["auth"] is None
-    assert "WARNING" not in capsys.readouterr().err
-    assert launch_from_args(["--outputs", out, "--no-browser", "--port", "7999", "--listen"]) == 0
-    assert launched[-1]["server_name"] == "0.0.0.0"
-    assert "without --auth" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""
+    for flag in ("--listen", "--share"):                           # no password: refused, nothing served
+        assert launch_from_args(["--outputs", out, "--no-browser", "--port", "7999", flag]) == 2
+        assert len(launched) == 1 and "--auth user:pass" in capsys.readouterr().err
+    assert launch_from_args(["--outputs", out, "--no-browser", "--port", "7999", "--listen", "--auth", "u:p"]) == 0
+    assert launched[-1]["server_name"] == "0.0.0.0" and launched[-1]["auth"] == ("u", "p")
     assert launch_from_args(["--outputs", out, "--no-browser", "--port", "7999", "--share", "--auth", "u:p"]) == 0
-    assert launched[-1]["auth"] == ("u", "p") and "WARNING" not in capsys.readouterr().err
-    assert exposure_warning(parse_args(["--share"])) is not None
+    assert launched[-1]["auth"] == ("u", "p") and launched[-1]["share"] is True
+    assert capsys.readouterr().err == ""
+    assert exposure_refusal(parse_args(["--share"])) is not None
     # the served folders are only outputs/ and what was named at launch
     roots = [Path(p) for p in launched[-1]["allowed_paths"]]
     assert Path(out).resolve() in roots and Path("/") not in roots and Path.home() not in roots

@@ -214,12 +214,12 @@ def test_preset_fills_the_knobs(running):
 
 
 def test_launch_options():
-    from lora_studio.ui.launch import exposure_warning, free_port, parse_args
+    from lora_studio.ui.launch import exposure_refusal, free_port, parse_args
 
-    assert "WARNING" in exposure_warning(parse_args(["--listen"]))
-    assert "WARNING" in exposure_warning(parse_args(["--share"]))
-    assert exposure_warning(parse_args(["--listen", "--auth", "me:pw"])) is None
-    assert exposure_warning(parse_args([])) is None
+    assert "--auth user:pass" in exposure_refusal(parse_args(["--listen"]))
+    assert "--share --auth" in exposure_refusal(parse_args(["--share"]))
+    assert exposure_refusal(parse_args(["--listen", "--auth", "me:pw"])) is None
+    assert exposure_refusal(parse_args([])) is None
     import socket
 
     with socket.socket() as busy:

@@ -1,5 +1,5 @@
 """Parse the app's command line and launch the Gradio server (127.0.0.1 and the first free port from 7860
-unless told otherwise; --listen/--share without --auth print a loud warning)."""
+unless told otherwise; --listen/--share without --auth are refused)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
-    p.add_argument("--auth", default=None, help="user:pass required when --listen or --share is used")
+    p.add_argument("--auth", default=None, help="user:pass; required with --listen or --share")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     p.add_argument("--outputs", default="outputs", help="folder for runs, grids and exports (default: outputs)")
     p.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
@@ -36,10 +36,13 @@ def free_port(host: str = "127.0.0.1", start: int = DEFAULT_PORT, tries: int = 1
     raise OSError(f"no free port in {start}..{start + tries - 1}; pass --port.")
 
 
-def exposure_warning(args: argparse.Namespace) -> str | None:
+def exposure_refusal(args: argparse.Namespace) -> str | None:
+    """Why the app must not start as asked, or None. Anyone who reaches a password-less app on the network can
+    read the files it may open and run training on the machine, so --listen/--share need --auth."""
     if (args.listen or args.share) and not args.auth:
-        return ("WARNING: --listen/--share without --auth exposes LoRA Studio (and the files it may read) to the "
-                "network with no password. Add --auth user:pass.")
+        flag = "--listen" if args.listen else "--share"
+        return (f"{flag} would serve LoRA Studio (and the files it may read) to the network with no password, so it "
+                f"was not started. Add a user name and password: python app.py {flag} --auth user:pass")
     return None
 
 
@@ -54,9 +57,10 @@ def launch_from_args(argv: list[str] | None = None) -> int:
             print("--auth must look like user:pass.", file=sys.stderr)
             return 2
         auth = (user, password)
-    warning = exposure_warning(args)
-    if warning:
-        print("\n" + "!" * 78 + f"\n{warning}\n" + "!" * 78 + "\n", file=sys.stderr)
+    refusal = exposure_refusal(args)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     ctx = make_context(args.outputs, args.allow_dir)
     app = build_app(ctx)

@@ -16,6 +16,7 @@ hand because no installed library speaks this format.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import random
@@ -61,6 +62,10 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 # came from a Karras/SDE entry does not pass those choices on to the next sampler.
 _SAMPLER_KEYS = {key for _, extra in SAMPLERS.values() for key in extra}
 
+# Schedulers that import a package of their own when they run (diffusers' LMS integrates with scipy).
+# requirements.txt installs these; the check turns an install that lacks one into a message, not a traceback.
+_NEEDS_PACKAGE = {"LMSDiscreteScheduler": "scipy"}
+
 
 def sampler_names() -> list[str]:
     return list(SAMPLERS)
@@ -81,7 +86,13 @@ def make_scheduler(name: str, base_config: Any):
     """A new diffusers scheduler for the A1111 sampler ``name``, built from the pipeline's scheduler config."""
     import diffusers
 
-    cls_name, extra = SAMPLERS[canonical_sampler(name)]
+    sampler = canonical_sampler(name)
+    cls_name, extra = SAMPLERS[sampler]
+    package = _NEEDS_PACKAGE.get(cls_name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"the {sampler!r} sampler needs the {package} package, which is not installed. "
+                          f"Install it (pip install {package}, or pip install -r requirements.txt) or choose "
+                          "another sampler.")
     cls = getattr(diffusers, cls_name)
     config = {k: v for k, v in dict(base_config).items() if k not in _SAMPLER_KEYS}
     config.update(extra)

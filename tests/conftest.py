@@ -58,10 +58,13 @@ def demo_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_loras() -> Path:
     """Real LoRA files made outside this project (../shared/real-loras, present in CI and every session).
-    A clone without that folder skips these interop tests and says so."""
+    A clone without that folder skips these interop tests and says so; under CI (CI=true) they must run."""
     folder = Path(os.environ.get("LORA_STUDIO_REAL_LORAS", REAL_LORAS))
     if not folder.is_dir():
-        pytest.skip(f"real LoRA fixtures not found at {folder}; set LORA_STUDIO_REAL_LORAS to run the interop tests")
+        message = f"real LoRA fixtures not found at {folder}; set LORA_STUDIO_REAL_LORAS to run the interop tests"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI has ../shared beside the clone: it must run them)")
+        pytest.skip(message)
     return folder
 
 

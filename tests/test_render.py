@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +104,25 @@ def test_karras_choice_does_not_leak_into_the_next_sampler():
     assert plain.config.use_karras_sigmas is False
     sde = make_scheduler("DPM++ 2M SDE", _demo_scheduler_config())
     assert make_scheduler("DPM++ 2M", sde.config).config.algorithm_type == "dpmsolver++"
+
+
+def test_a_sampler_whose_package_is_missing_is_refused_and_requirements_name_it(monkeypatch):
+    import re
+    import sys
+
+    from lora_studio import render
+
+    needed = set(render._NEEDS_PACKAGE.values())
+    assert needed >= {"scipy"}                                     # diffusers' LMS integrates with scipy
+    reqs = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text()
+    named = {re.split(r"[<>=!~\[; ]", line.strip())[0].lower() for line in reqs.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")}
+    assert needed <= named, f"requirements.txt lacks {needed - named}"
+    monkeypatch.setitem(sys.modules, "scipy", None)                # as on an install without scipy
+    for name in ("LMS", "LMS Karras"):
+        with pytest.raises(ConfigError, match=r"needs the scipy package.*pip install scipy"):
+            make_scheduler(name, _demo_scheduler_config())
+    make_scheduler("DPM++ 2M Karras", _demo_scheduler_config())    # the others need nothing more
 
 
 def test_unknown_sampler_lists_choices():

@@ -181,17 +181,24 @@ def resolve_lora_file(file: str, preset_dir: Path | None, lora_dir: str | os.Pat
         tried.append(preset_dir / p)
         if (preset_dir / p).is_file():
             return preset_dir / p
-    if lora_dir is not None and Path(lora_dir).is_dir():
+    if lora_dir is not None:
         tried.append(Path(lora_dir) / p)
-        try:
-            return resolve(file, lora_dir)
-        except InputFileError:
-            pass
+        if Path(lora_dir).is_dir():
+            try:
+                return resolve(file, lora_dir)
+            except InputFileError:
+                pass
     tried.append(Path.cwd() / p)
     if p.is_file():
         return p
+    if lora_dir is None:
+        advice = "Fix the file name, set \"lora_dir\" in the preset, or pass --lora-dir."
+    elif not Path(lora_dir).is_dir():
+        advice = f"The LoRA folder {lora_dir} does not exist: fix \"lora_dir\" in the preset or pass --lora-dir."
+    else:
+        advice = f"Fix the file name in the preset, or put the file in {lora_dir}."
     raise InputFileError(f"LoRA {file!r} from the preset was not found; looked at: "
-                         f"{', '.join(map(str, tried))}. Set \"lora_dir\" in the preset or pass --lora-dir.")
+                         f"{', '.join(map(str, tried))}. {advice}")
 
 
 def add_preset_loras(preset: MixPreset, mixer, preset_dir: Path | None = None,

@@ -83,8 +83,19 @@ def test_preset_loras_resolve_beside_the_preset_and_in_lora_dir(tmp_path):
     got = {e.name: (e.strength, e.te_strength, e.block_weights) for e in mixer.entries}
     assert names == ["near", "far"]
     assert got == {"near": (0.5, None, {}), "far": (-1.0, 0.0, {"mid": 0.0})}
-    with pytest.raises(Exception, match="not found; looked at"):
+    with pytest.raises(Exception, match="not found; looked at") as err:
         add_preset_loras(preset_from_dict({"loras": ["missing.safetensors"]}), mixer, preset_dir=tmp_path)
+    assert "set \"lora_dir\" in the preset" in str(err.value)
+    # a preset that sets lora_dir is shown the folders searched, not told to set it
+    with pytest.raises(Exception, match="not found; looked at") as err:
+        add_preset_loras(preset_from_dict({"lora_dir": "loras", "loras": ["missing.safetensors"]}), mixer,
+                         preset_dir=tmp_path / "p")
+    assert str(tmp_path / "p" / "loras" / "missing.safetensors") in str(err.value)
+    assert "Set \"lora_dir\"" not in str(err.value) and "put the file in" in str(err.value)
+    with pytest.raises(Exception, match="not found; looked at") as err:
+        add_preset_loras(preset_from_dict({"lora_dir": "nowhere", "loras": ["missing.safetensors"]}), mixer,
+                         preset_dir=tmp_path / "p")
+    assert "nowhere" in str(err.value) and "does not exist" in str(err.value)
 
 
 @pytest.fixture()
@@ -147,6 +158,14 @@ def test_cli_mix_user_errors_exit_2_before_loading_the_model(tmp_path, base_load
         (["--prompt", "x", "--xy", "size=1,2"], "unknown grid axis"),
         (["--lora", "alpha"], "no prompt"),
         (["--prompt", "x", "--preset", str(tmp_path / "none.json")], "not found"),
+        (["--prompt", "x", "--lora", f"{tmp_path / 'loras' / 'alpha.safetensors'}:nan"], "'nan' is not a number"),
+        (["--prompt", "x", "--lora", f"{tmp_path / 'loras' / 'alpha.safetensors'}:abc"], "'abc' is not a number"),
+        (["--prompt", "x", "--lora", "alpha:0.5:xyz"], "'xyz' is not a number"),
+        (["--prompt", "x", "--lora", str(tmp_path / "gone.safetensors")], f"no such file: {tmp_path / 'gone'}"),
+        (["--prompt", "x", "--lora", "gone.safetensors:0.5", "--lora-dir", str(tmp_path / "loras")],
+         "no such file"),
+        (["--prompt", "x", "--lora", "alpha"], "no --lora-dir to look the name up in"),
+        (["--prompt", "x", "--lora", str(tmp_path / "loras")], "is a folder, not a LoRA file"),
     ]
     for argv, message in cases:
         assert main(["mix", "--out", str(tmp_path / "o"), *argv]) == 2

@@ -14,7 +14,8 @@ import argparse
 import re
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputFileError
+from ..library import LORA_SUFFIXES, PICKLE_SUFFIXES, resolve
 from ..progress import text_progress
 
 DESCRIPTION = """Apply LoRAs at strengths to a base model, render, and compare.
@@ -67,12 +68,34 @@ _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
 def parse_lora_arg(text: str) -> tuple[str, float, float | None]:
     """``"a.safetensors:0.8"`` -> ("a.safetensors", 0.8, None); ``"a:0.8:0.5"`` -> te 0.5. A path may hold
-    colons (``C:\\x.safetensors``): only trailing numbers are strengths."""
-    m = re.fullmatch(rf"(.+?)(?::({_NUM}))?(?::({_NUM}))?", text.strip())
+    colons (``C:\\x.safetensors``): only trailing numbers are strengths, and a trailing word that is no path
+    (``a.safetensors:abc``, ``:nan``) is a strength that is not a number."""
+    text = text.strip()
+    m = re.fullmatch(rf"(.+?)(?::({_NUM}))?(?::({_NUM}))?", text)
     if not m or not m.group(1):
         raise ConfigError(f"--lora {text!r}: write FILE, FILE:STRENGTH or FILE:STRENGTH:TE_STRENGTH.")
     ref, s, te = m.group(1), m.group(2), m.group(3)
+    head, sep, tail = ref.rpartition(":")
+    if sep and head and not Path(ref).exists() and not re.search(r"[\\/]", tail):
+        raise ConfigError(f"--lora {text!r}: the strength {tail!r} is not a number. "
+                          "Write FILE:STRENGTH with a finite number, e.g. a.safetensors:0.8 or a.safetensors:-0.5.")
     return ref, float(s) if s is not None else 1.0, float(te) if te is not None else None
+
+
+def find_lora_arg(ref: str, lora_dir: str | None) -> Path:
+    """The file a ``--lora`` reference names: an existing file, else a name looked up in ``lora_dir``."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise InputFileError(f"--lora {ref}: {path} is a folder, not a LoRA file. Name a .safetensors file, "
+                             "or pass the folder as --lora-dir and the LoRA by name.")
+    if path.suffix.lower() in (*LORA_SUFFIXES, *PICKLE_SUFFIXES) or len(path.parts) > 1:
+        raise InputFileError(f"--lora {ref}: no such file: {path.resolve()}. Check the path.")
+    if lora_dir is None:
+        raise InputFileError(f"--lora {ref}: there is no file {path.resolve()}, and no --lora-dir to look the name "
+                             "up in. Give the file's path, or pass --lora-dir FOLDER.")
+    return resolve(ref, lora_dir)
 
 
 def parse_blocks_arg(text: str) -> tuple[str, dict[str, float]]:
@@ -147,8 +170,7 @@ def run(args) -> int:
         raise ConfigError("--grid and LoRA axes of --xy need at least one LoRA: add --lora FILE:STRENGTH.")
 
     # find every file before the (slow) model load, so a typo fails fast
-    wanted = [(Path(ref) if Path(ref).is_file() else resolve_requests([_request(ref)], lora_dir)[0][1], s, te)
-              for ref, s, te in lora_refs]
+    wanted = [(find_lora_arg(ref, lora_dir), s, te) for ref, s, te in lora_refs]
     wanted += [(path, req.strength, req.te_strength) for req, path in resolve_requests(requests, lora_dir)]
 
     pipe, model_name = load_base(preset.base, args.allow_pickle)
@@ -193,8 +215,3 @@ def _add(mixer, path: Path, name, strength: float, te: float | None, allow_parti
             raise ConfigError(f"{path} is asked for twice (as {e.name!r} already). Give each LoRA once.")
     return mixer.add(str(path), name=name, strength=strength, te_strength=te, allow_partial=allow_partial)
 
-
-def _request(name: str):
-    from ..prompt import LoraRequest
-
-    return LoraRequest(name, tag=f"--lora {name}")

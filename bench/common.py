@@ -26,7 +26,9 @@ from typing import Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import lora_studio  # noqa: E402,F401  (its allocator settings, cpu_memory.py, then hold in every worker alike)
+from lora_studio.cpu_memory import tune_glibc_malloc  # noqa: E402
+
+tune_glibc_malloc()  # the CLI's allocator settings (cpu_memory.py) hold in every worker, baselines included
 RESULT_TAG = "BENCH_RESULT "
 
 

@@ -11,7 +11,9 @@ threshold with ``mallopt`` lets freed blocks be reused without new page faults. 
 recommends jemalloc or tcmalloc (``LD_PRELOAD``) for the same reason; this needs nothing installed.
 
 Written by hand (no library exposes ``mallopt``). Set ``LORA_STUDIO_MALLOC_TUNING=0`` to leave glibc as it is.
-The cost: memory freed by large tensors stays with the process for reuse instead of going back to the system.
+The cost: memory freed by large tensors stays with the process for reuse instead of going back to the system,
+so only the entry points call this (the CLI, the app with a lower trim threshold since it runs for hours, the
+bench workers); importing the package changes no process setting.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30   # blocks up to 1 GiB come from the heap and are reused after free
 TRIM_THRESHOLD = (1 << 31) - 1  # give memory back only when ~2 GiB is free at the heap's top (mallopt takes an int)
+APP_TRIM_THRESHOLD = 1 << 28    # the app: a render or training job's ~GiB of temporaries goes back within 256 MiB
 
 _state: dict[str, bool] = {}
 
 
-def tune_glibc_malloc() -> bool:
+def tune_glibc_malloc(trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Apply the settings once per process; True when glibc accepted them (False elsewhere: macOS, Windows,
     musl, or turned off by ``LORA_STUDIO_MALLOC_TUNING=0``)."""
     if "done" in _state:
@@ -40,7 +43,7 @@ def tune_glibc_malloc() -> bool:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             mallopt = getattr(libc, "mallopt", None)
             if mallopt is not None and hasattr(libc, "gnu_get_libc_version"):
-                ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+                ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
         except OSError:
             ok = False
     _state["done"] = ok

@@ -24,6 +24,7 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
+tuned = tune_glibc_malloc()  # what the entry points do first
 faults = []
 for i in range(3):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -34,7 +35,7 @@ for i in range(3):
         info = libc.mallinfo2()
         mapped, heap = info.hblkhd, info.arena
     del t
-print(json.dumps({"tuned": tune_glibc_malloc(), "mapped": mapped, "heap": heap, "faults": faults}))
+print(json.dumps({"tuned": tuned, "mapped": mapped, "heap": heap, "faults": faults}))
 """
 
 
@@ -56,3 +57,31 @@ def test_large_tensors_come_from_the_reusable_heap_only_with_the_allocator_setti
     # without the settings every new tensor of that size faults all of its pages in again (with them, whether a
     # freed block's pages are still resident is up to the kernel's reclaim, so that side is not asserted)
     assert min(off["faults"]) > pages // 2
+
+
+IMPORT_PROBE = r"""
+import ctypes, json, os, sys, torch
+environ, threads, recursion = dict(os.environ), torch.get_num_threads(), sys.getrecursionlimit()
+import lora_studio.lora.formats, lora_studio.models, lora_studio.mix, lora_studio.export, lora_studio.render
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+t = torch.empty(16 * 2**20)
+t.fill_(1.0)
+print(json.dumps({"mapped": libc.mallinfo2().hblkhd, "environ": dict(os.environ) == environ,
+                  "threads": torch.get_num_threads() == threads, "recursion": sys.getrecursionlimit() == recursion}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt exists on Linux only")
+def test_importing_the_core_changes_no_process_setting():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_STUDIO_MALLOC_TUNING": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], env=env, capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["mapped"] >= 64 * 2**20          # glibc's own default: a block this large gets its own mmap
+    assert got["environ"] and got["threads"] and got["recursion"]

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from ..cpu_memory import tune_glibc_malloc
 from ..errors import LoraStudioError
 
 # Each name is a module in this package with a ``register(subparsers)`` function.
@@ -33,3 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The process entry point (``python -m lora_studio``, the ``lora-studio`` command): tunes the process,
+    then runs ``main``. ``main`` itself changes no process setting, so tests and scripts can call it."""
+    tune_glibc_malloc()
+    raise SystemExit(main())

@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, InputFileError
 from .fileio import write_text_atomic
+from .preset_files import PRESETS_DIR
 from .render import GenParams
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
+from ..preset_files import PRESETS_DIR
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -7,6 +7,8 @@ import argparse
 import socket
 import sys
 
+from ..cpu_memory import APP_TRIM_THRESHOLD, tune_glibc_malloc
+
 DEFAULT_PORT = 7860
 
 
@@ -73,3 +75,9 @@ def launch_from_args(argv: list[str] | None = None) -> int:
         allowed_paths=[str(p) for p in ctx.policy.roots],
     )
     return 0
+
+
+def entry() -> None:
+    """The app's process entry point (``python app.py``, the ``lora-studio-app`` command)."""
+    tune_glibc_malloc(trim_threshold=APP_TRIM_THRESHOLD)
+    raise SystemExit(launch_from_args())

@@ -71,8 +71,8 @@ def register(sub) -> None:
     speed.add_argument("--offload-cached-models", action=on_off, help="on CUDA, move the VAE and frozen text "
                        "encoders to the CPU once their outputs are cached (default on)")
     speed.add_argument("--lean-backward", action=on_off, help="frozen convolutions and norms, SiLUs and GEGLUs "
-                       "keep less for the backward pass, for bit-identical results (default on; numbers in "
-                       "bench/RESULTS.md)")
+                       "keep less for the backward pass, for bit-identical results: less GPU memory, some speed (default "
+                       "off; on in the style-sdxl preset; numbers in bench/RESULTS.md)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE",
                    help="continue the run's latest saved state (or the given state/run folder)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

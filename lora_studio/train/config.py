@@ -91,7 +91,8 @@ class TrainConfig:
     compile_unet: bool = False              # CUDA only: torch.compile the UNet (minutes of compiling first)
     compile_mode: str = "default"           # torch.compile's mode; "reduce-overhead" replays CUDA graphs
     offload_cached_models: bool = True      # CUDA only: VAE/text encoders to the CPU once their outputs are cached
-    lean_backward: bool = True              # frozen convs/norms, SiLUs, GEGLUs keep less for the backward (same results)
+    lean_backward: bool = False             # low-memory switch: frozen convs/norms, SiLUs, GEGLUs keep less for the
+                                            # backward (same results; costs eager speed, bench/RESULTS.md)
     min_snr_gamma: float = 0.0              # 0 disables min-SNR weighting; 5 is the paper's value
     noise_offset: float = 0.0
     prediction_type: str = "auto"           # "auto" takes the base model scheduler's

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from lora_studio.demo import random_demo_pipeline
-from lora_studio.train.adapters import InjectedLora, inject_lora, skip_input_casts
+from peft.helpers import disable_input_dtype_casting
+
+from lora_studio.train.adapters import InjectedLora, inject_lora, skips_input_casts
 from lora_studio.train.config import TrainConfig
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -26,7 +28,11 @@ def lora_unet(dtype: torch.dtype, *, skip_casts: bool = True, channels_last: boo
     gen = torch.Generator().manual_seed(1)
     for p in inj.parameters():
         p.data = (torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if p.dim() == 1 else 0.0)).float().to(device)
-    skipped = skip_input_casts(inj, cfg) if skip_casts and dtype != torch.float32 else 0
+    if skip_casts and dtype != torch.float32 and skips_input_casts(cfg):
+        casts_off = disable_input_dtype_casting(unet)  # open for the UNet's life, as the trainer's run holds it
+        casts_off.__enter__()
+        unet.casts_off = casts_off  # a generator's context closes (and restores the casts) when collected
+    skipped = sum(not layer.cast_input_dtype_enabled for layer in inj.layers.values())
     return unet, inj, skipped
 
 

@@ -85,22 +85,19 @@ def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: 
     return InjectedLora(model, prefix, layers, pissa_start, originals)
 
 
-def skip_input_casts(inj: InjectedLora, cfg: TrainConfig) -> int:
-    """Turn off peft's cast of each LoRA layer's input to the LoRA weights' dtype, for runs under autocast.
+def skips_input_casts(cfg: TrainConfig) -> bool:
+    """Whether the LoRA layers may run without peft's cast of their input to the LoRA weights' dtype, for runs
+    under autocast (apply it with peft's ``disable_input_dtype_casting``).
 
     The LoRA weights train in fp32 while autocast computes in bf16/fp16: peft copies a half-precision input
     to fp32, and autocast copies it straight back for the matmul. Two activation-sized copies per layer and
     step (and their backward), plus the half-precision copy autocast keeps for the backward, for nothing:
     the outputs and gradients are bit-identical without them (``tests/test_train_speed_switches.py`` checks
     this against peft's default). DoRA computes its norm in the input's dtype and dropout rounds differently
-    in each dtype, so those layers keep peft's default. Only for autocast: without it an fp32 weight would
-    meet a half-precision input. Returns how many layers skip the cast.
+    in each dtype, so those runs keep peft's default. Only for autocast: without it an fp32 weight would
+    meet a half-precision input.
     """
-    if cfg.use_dora or cfg.lora_dropout > 0:
-        return 0
-    for layer in inj.layers.values():
-        layer.cast_input_dtype_enabled = False
-    return len(inj.layers)
+    return not (cfg.use_dora or cfg.lora_dropout > 0)
 
 
 def _matches(name: str, target: str) -> bool:

@@ -10,18 +10,19 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 from ..errors import ConfigError, TrainingError
 from ..family import Family, family_of_pipeline
 from ..progress import ProgressCallback, StopFlag, report
 from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
-from .adapters import (InjectedLora, count_parameters, inject_lora, remove_lora, skip_input_casts,
+from .adapters import (InjectedLora, count_parameters, inject_lora, remove_lora, skips_input_casts,
                        to_kohya_modules)
 from .cache import LatentCache
 from .conditioning import Conditioner
@@ -185,10 +186,12 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
                 injected.append(inject_lora(te, cfg, cfg.text_encoder_target_modules, prefix))
         for p in (p for inj in injected for p in inj.parameters()):
             p.data = p.data.float()
-        if accelerator.mixed_precision in ("fp16", "bf16"):  # every LoRA forward below runs under autocast
+        # every LoRA forward below runs under autocast with fp16/bf16
+        casts_off = accelerator.mixed_precision in ("fp16", "bf16") and skips_input_casts(cfg)
+        with ExitStack() as stack:
             for inj in injected:
-                skip_input_casts(inj, cfg)
-        with lean_backward(pipe.unet, cfg.lean_backward):  # after the LoRA layers: it reads what is frozen
+                stack.enter_context(disable_input_dtype_casting(inj.model, active=casts_off))
+            stack.enter_context(lean_backward(pipe.unet, cfg.lean_backward))  # after the LoRA layers: it reads
             return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks,
                         offloader)
     except torch.OutOfMemoryError as err:

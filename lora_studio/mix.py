@@ -229,7 +229,7 @@ class LoraMixer:
         product (LoRA, LoCon without a Tucker core, not DoRA), kept for the next ``apply()``; ``bound`` caps any
         entry of ``up @ down`` (Cauchy-Schwarz: the largest row norm of up times the largest column norm of
         down). ``None`` for other kinds, which take ``module_delta``."""
-        if mod.kind not in ("lora", "locon") or "lora_mid.weight" in mod.tensors or "dora_scale" in mod.tensors:
+        if not mod.spec.is_one_product(mod.tensors):
             return None
         key = (id(mod), device, dtype)
         hit = self._factors_cache.get(key)

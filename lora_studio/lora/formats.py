@@ -23,49 +23,13 @@ from ..errors import FamilyMismatchError, LoraFormatError
 from ..finite import nonfinite_names
 from ..family import Family, family_from_context_dim, family_from_metadata
 from ..fileio import load_safetensors, refuse_pickle
+from .kinds import LABELS, SUFFIX_KINDS, kind_of
+from .math import natural_shape
+from .module import LoraModule
 from .keys import (KOHYA_PREFIXES, cloneofsimo_text_names, cloneofsimo_unet_names, component_of_kohya_name,
                    kohya_module_name, kohya_prefix_for, split_peft_key)
 
 
-@dataclass
-class LoraModule:
-    """One adapted layer of a LoRA file, keyed by its kohya base name (e.g. ``lora_unet_..._attn1_to_q``).
-
-    ``kind`` is one of "lora" (linear), "locon" (conv), "loha", "lokr", "full" (a plain weight diff).
-    ``tensors`` holds the file's tensors under their suffixes (``lora_down.weight``, ``lora_up.weight``,
-    ``hada_w1_a``, ``lokr_w1``, ``dora_scale``, ...). ``alpha`` is None when the file has none (then alpha = rank).
-    """
-
-    name: str
-    kind: str
-    tensors: dict[str, torch.Tensor]
-    alpha: float | None = None
-    rank: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def from_updown(cls, name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None) -> "LoraModule":
-        """A classic LoRA module: ``down`` is (r, in) or (r, in, kh, kw); ``up`` is (out, r) or (out, r, 1, 1)."""
-        kind = "locon" if down.dim() == 4 else "lora"
-        return cls(name, kind, {"lora_down.weight": down, "lora_up.weight": up}, alpha, int(down.shape[0]))
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, the factor kohya applies to up @ down (alpha defaults to the rank)."""
-        if self.rank <= 0:
-            return 1.0
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
-
-KIND_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "full": "Full diff", "dora": "DoRA"}
-# Suffixes after "<kohya name>." and the kind they belong to.
-KOHYA_SUFFIXES = {
-    "lora_down.weight": "lora", "lora_up.weight": "lora", "lora_mid.weight": "lora",
-    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
-    "hada_t2": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr",
-    "lokr_w2_a": "lokr", "lokr_w2_b": "lokr", "lokr_t2": "lokr", "diff": "full",
-    "alpha": None, "dora_scale": None,
-}
 UNSUPPORTED_SUFFIXES = {"oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "oft_R": "LyCORIS BOFT",
                         "a1.weight": "LyCORIS GLoRA", "b1.weight": "LyCORIS GLoRA", "on_input": "LyCORIS (IA)^3",
                         "diff_b": "LyCORIS bias diff", "bias_indices": "LyCORIS sparse bias"}
@@ -98,7 +62,7 @@ class LoraFile:
     def kinds(self) -> list[str]:
         """Kinds present, as labels ("LoRA", "LoCon", "LoHa", "LoKr", "DoRA", ...)."""
         found = {m.kind for m in self.modules.values()}
-        labels = [KIND_LABELS[k] for k in KIND_LABELS if k in found]
+        labels = [LABELS[k] for k in LABELS if k in found]
         if any("dora_scale" in m.tensors for m in self.modules.values()):
             labels.append("DoRA")
         return labels
@@ -164,14 +128,14 @@ def _split_modules(p: Path, tensors: Mapping[str, torch.Tensor], names: Mapping[
     if unsupported:
         kind = UNSUPPORTED_SUFFIXES[unsupported[0].split(".", 1)[1]]
         raise _fail(p, f"uses {kind}, which LoRA Studio does not apply; keys", unsupported)
-    unknown = [f"{n}.{s}" for n, g in groups.items() for s in g if s not in KOHYA_SUFFIXES]
+    unknown = [f"{n}.{s}" for n, g in groups.items() for s in g if s not in SUFFIX_KINDS]
     if unknown:
         raise _fail(p, "keys with suffixes of no known LoRA kind", unknown)
     return {name: _build_module(p, name, g) for name, g in sorted(groups.items())}
 
 
 def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
-    kinds = {KOHYA_SUFFIXES[s] for s in g} - {None}
+    kinds = {SUFFIX_KINDS[s] for s in g} - {None}
     if len(kinds) != 1:
         what = "only alpha/dora_scale, no weights" if not kinds else f"tensors of several kinds ({sorted(kinds)})"
         raise _fail(p, f"module {name} has {what}; keys", [f"{name}.{s}" for s in g])
@@ -181,47 +145,22 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
                               "number. The file is damaged: download or export it again.")
     alpha = float(g["alpha"].float().reshape(-1)[0]) if "alpha" in g else None
     tens = {s: t for s, t in g.items() if s != "alpha"}
-    missing = []
-    if kind == "lora":
-        missing = [s for s in ("lora_down.weight", "lora_up.weight") if s not in g]
-    elif kind == "loha":
-        missing = [s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if s not in g]
-    elif kind == "lokr":
-        for w in ("lokr_w1", "lokr_w2"):
-            if w not in g and not (f"{w}_a" in g and f"{w}_b" in g):
-                missing.append(f"{w} (or {w}_a and {w}_b)")
+    spec = kind_of(kind)
+    missing = spec.missing(g)
     if missing:
         have = ", ".join(f"{name}.{s}" for s in g)
         raise LoraFormatError(f"{p}: module {name} is incomplete: it has {have} but no "
                               f"{', '.join(missing)}. The file is damaged or of an unknown variant: download "
                               "or export it again.")
-    _check_factors(p, name, g)
-    if kind == "lora":
-        down, up = g["lora_down.weight"], g["lora_up.weight"]
-        rank = int(down.shape[0])
-        if rank == 0 or up.dim() < 2 or int(up.shape[1]) != rank:
-            raise LoraFormatError(f"{p}: module {name} has lora_down {tuple(down.shape)} and lora_up "
-                                  f"{tuple(up.shape)}: {'rank 0' if rank == 0 else 'the ranks disagree'}. "
-                                  "The file is damaged: download or export it again.")
-        kind = "locon" if down.dim() == 4 else "lora"
-    elif kind == "loha":
-        rank = int(g["hada_w1_b"].shape[0])
-    elif kind == "lokr":
-        rank = int(g["lokr_w1_b"].shape[0]) if "lokr_w1_b" in g else (
-            int(g["lokr_w2_b"].shape[0]) if "lokr_w2_b" in g else 0)
-    else:
-        rank = 0
-    if kind in ("loha",) and rank == 0:
-        raise LoraFormatError(f"{p}: module {name} has rank 0 (hada_w1_b has shape {tuple(g['hada_w1_b'].shape)}).")
-    return LoraModule(name, kind, tens, alpha, rank)
+    _check_factors(p, name, g, spec.factor_pairs)
+    why = spec.problem(g)
+    if why:
+        raise LoraFormatError(f"{p}: module {name} {why}. The file is damaged: download or export it again.")
+    return LoraModule(name, spec.refine(g), tens, alpha, spec.rank(g))
 
 
-# Factors that are multiplied (a @ b), with the Tucker core that joins them instead when present.
-FACTOR_PAIRS = (("hada_w1_a", "hada_w1_b", "hada_t1"), ("hada_w2_a", "hada_w2_b", "hada_t2"),
-                ("lokr_w1_a", "lokr_w1_b", None), ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))
-
-
-def _check_factors(p: Path, name: str, g: dict[str, torch.Tensor]) -> None:
+def _check_factors(p: Path, name: str, g: dict[str, torch.Tensor],
+                   factor_pairs: tuple[tuple[str, str, str | None], ...]) -> None:
     """Factors are 2-D (4-D for convolutions) and multiplied factors fit, so a damaged file is refused here
     rather than failing inside the mixer's matrix products."""
     def bad(why: str) -> LoraFormatError:
@@ -230,7 +169,7 @@ def _check_factors(p: Path, name: str, g: dict[str, torch.Tensor]) -> None:
     for s, t in g.items():
         if s not in ("alpha", "dora_scale", "diff") and t.dim() not in (2, 4):
             raise bad(f"has {s} of shape {tuple(t.shape)}, but a LoRA factor has 2 dimensions (4 for a convolution)")
-    for a, b, core in FACTOR_PAIRS:
+    for a, b, core in factor_pairs:
         if a in g and b in g:
             ta, tb = g[a], g[b]
             fits = (g[core].shape[0] == ta.shape[0] and g[core].shape[1] == tb.shape[0]) if core in g \
@@ -344,8 +283,6 @@ def _group_cloneofsimo(p: Path, tensors: Mapping[str, torch.Tensor], metadata: M
 def _family(lf: LoraFile) -> Family | None:
     """Family from shapes (text-encoder width, cross-attention width, a second text encoder); metadata only
     when shapes cannot tell (toy models). Shapes win over metadata; a disagreement is noted."""
-    from .math import natural_shape
-
     evidence: set[Family] = set()
     for name, mod in lf.modules.items():
         comp = component_of_kohya_name(name)

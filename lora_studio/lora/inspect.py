@@ -17,7 +17,8 @@ from pathlib import Path
 from ..errors import FamilyMismatchError, LoraFormatError
 from ..family import Family
 from ..fileio import read_safetensors_header
-from .formats import KIND_LABELS, read_lora
+from .formats import read_lora
+from .kinds import LABELS
 from .keys import component_of_kohya_name
 
 COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
@@ -108,7 +109,7 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
     for name, mod in lf.modules.items():
         comp = component_of_kohya_name(name) or "?"
         block = block_of_kohya_name(name)
-        kind = KIND_LABELS.get(mod.kind, mod.kind) + ("+DoRA" if "dora_scale" in mod.tensors else "")
+        kind = LABELS.get(mod.kind, mod.kind) + ("+DoRA" if "dora_scale" in mod.tensors else "")
         info.modules.append(ModuleInfo(name, comp, block, kind, mod.rank, mod.alpha))
         groups[f"{COMPONENT_LABELS.get(comp, comp)} {block}"] += 1
     natural = lambda kv: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", kv[0])]

@@ -24,6 +24,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from ..errors import FamilyMismatchError, LoraFormatError
+from ..family import family_of_pipeline
+from .math import delta_shape, natural_shape
+
 # kohya prefixes per component. SD1/SD2 have one text encoder ("lora_te_"); SDXL has two ("lora_te1_", "lora_te2_").
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
@@ -266,10 +270,6 @@ def match_modules(lora_file, pipe, check_shapes: bool = True) -> MatchResult:
     A shape that does not fit raises ``FamilyMismatchError`` when the file is for another family, else
     ``LoraFormatError`` naming the modules (the LoRA was made for a model of another size).
     """
-    from ..errors import FamilyMismatchError, LoraFormatError
-    from ..family import family_of_pipeline
-    from .math import delta_shape, natural_shape
-
     comps = pipeline_components(pipe)
     result = match_names(lora_file.modules, module_index(comps))
     if not check_shapes:

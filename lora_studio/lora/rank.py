@@ -25,10 +25,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError, LoraFormatError
-from .formats import LoraModule
+from .math import module_delta, natural_shape, raw_delta
+from .module import LoraModule
 
 METHODS = ("fixed", "ratio", "energy")
-DOWN, UP = "lora_down.weight", "lora_up.weight"
 _ENERGY_TOL = 1e-9  # cumulative energy is computed in fp64; this absorbs rounding so p = 1.0 means "all of it"
 
 
@@ -160,58 +160,22 @@ class _Factored:
     shape: tuple[int, ...]
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32)
-
-
-def _kron_side(ts: Mapping[str, torch.Tensor], stem: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A LoKr factor as ``A @ B``: its stored ``_a``/``_b`` pair, or a whole matrix times an identity."""
-    if stem in ts:
-        w = _f32(ts[stem]).flatten(1)
-        eye = torch.eye(min(w.shape), dtype=torch.float32)
-        return (w, eye) if w.shape[1] <= w.shape[0] else (eye, w)
-    return _f32(ts[stem + "_a"]).flatten(1), _f32(ts[stem + "_b"]).flatten(1)
-
-
 def _factored(mod: LoraModule, weight_shape: Sequence[int] | None = None) -> _Factored | None:
-    """Exact low-rank factors of a module's delta, without forming it, or None (then the delta is formed).
-
-    - LoRA/LoCon: up and down themselves; ``ratio`` = alpha/rank.
-    - LoHa: (w1a@w1b) * (w2a@w2b) = up @ down with the row-wise Khatri-Rao products
-      up[o, (i,j)] = w1a[o,i] w2a[o,j] and down[(i,j), n] = w1b[i,n] w2b[j,n] (rank r1*r2).
-    - LoKr: kron(A1@B1, A2@B2) = kron(A1, A2) @ kron(B1, B2) (mixed-product rule; rank r1*r2).
-    Tucker cores, DoRA and plain diffs return None, as do factors wider than the matrix itself.
-    For LoHa/LoKr the scale is folded into ``up`` and ``ratio`` is 1.
-    """
-    ts = mod.tensors
-    if "dora_scale" in ts:
+    """Exact low-rank factors of a module's delta, without forming it (the kind's ``low_rank``), or None (then
+    the delta is formed): for Tucker cores, DoRA, plain diffs, and factors wider than the matrix itself."""
+    found = mod.spec.low_rank(mod.tensors, mod.scale)
+    if found is None:
         return None
-    if mod.kind in ("lora", "locon"):
-        if DOWN not in ts or UP not in ts or set(ts) - {DOWN, UP}:  # e.g. a LyCORIS lora_mid core
-            return None
-        up, down = ts[UP], ts[DOWN]
-        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-            return None
-        return _Factored(_f32(up).flatten(1), _f32(down).flatten(1), mod.scale, (up.shape[0], *down.shape[1:]))
-    if mod.kind == "loha" and not {"hada_t1", "hada_t2"} & set(ts):
-        w1a, w1b, w2a, w2b = (_f32(ts[k]).flatten(1) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-        up = (w1a[:, :, None] * w2a[:, None, :]).flatten(1)
-        down = (w1b[:, None, :] * w2b[None, :, :]).flatten(0, 1)
-    elif mod.kind == "lokr" and "lokr_t2" not in ts:
-        a1, b1 = _kron_side(ts, "lokr_w1")
-        a2, b2 = _kron_side(ts, "lokr_w2")
-        up, down = torch.kron(a1, a2), torch.kron(b1, b2)
-    else:
-        return None
+    up, down, ratio = found
+    if mod.spec.stores_factors:   # its own factors: no wider than the layer
+        return _Factored(up, down, ratio, natural_shape(mod))
     if up.shape[1] > min(up.shape[0], down.shape[1]):
         return None  # the "low-rank" form is wider than the matrix: a plain SVD is cheaper
-    from .math import natural_shape
-
     shape = tuple(weight_shape or mod.extra.get("weight_shape") or natural_shape(mod))
     if shape[0] != up.shape[0] or math.prod(shape) != up.shape[0] * down.shape[1]:
         raise LoraFormatError(f"module {mod.name}: its factors give a ({up.shape[0]}, {down.shape[1]}) delta, "
                               f"which does not fit the shape {shape}.")
-    return _Factored(up * mod.scale, down, 1.0, shape)
+    return _Factored(up, down, ratio, shape)
 
 
 def _svd_of_product(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,15 +198,13 @@ def module_delta_full(mod: LoraModule, weight_shape: Sequence[int] | None = None
         return (fac.up @ fac.down * fac.ratio).reshape(fac.shape)
     if mod.kind == "full" and len(mod.tensors) == 1:
         return next(iter(mod.tensors.values())).to(torch.float32)
-    from . import math as lora_math
-
     if "dora_scale" in mod.tensors:
         raise LoraFormatError(f"module {mod.name} is DoRA: its delta depends on the base weight, so it cannot be "
                               "resized or merged on its own. Merge it into a checkpoint with `export` instead.")
     shape = weight_shape if weight_shape is not None else mod.extra.get("weight_shape")
     if shape is None:  # the shape the factors give (a LoHa conv comes out flattened to (out, in*kh*kw))
-        return lora_math.raw_delta(mod).to(torch.float32)
-    return lora_math.module_delta(mod, tuple(shape)).to(torch.float32)
+        return raw_delta(mod).to(torch.float32)
+    return module_delta(mod, tuple(shape)).to(torch.float32)
 
 
 def module_spectrum(mod: LoraModule, weight_shape: Sequence[int] | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 import bad_inputs as B
 import lora_studio.fileio as fileio
 import lora_studio.train.trainer as trainer_mod
+from train_configs import tiny_config
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
 from lora_studio.errors import ExportError, LoraStudioError, TrainingError
 from lora_studio.progress import StopFlag
@@ -38,11 +39,8 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), output_dir=str(out), run_name="run", resolution=64, min_bucket_reso=32,
-                max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=4.0, steps=6, batch_size=2,
-                learning_rate=1e-2, save_precision="fp32", seed=5, lr_scheduler="cosine", lr_warmup_steps=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(data, out, **{"alpha": 4.0, "steps": 6, "seed": 5, "lr_scheduler": "cosine",
+                                     "lr_warmup_steps": 1, **kw})
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

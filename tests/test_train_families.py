@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from train_configs import tiny_config
 from lora_studio.demo import make_demo_dataset
 from lora_studio.fileio import load_safetensors
 from lora_studio.mix import LoraMixer
 from lora_studio.lora.keys import kohya_module_name
-from lora_studio.train.config import TrainConfig
 from lora_studio.train.conditioning import sdxl_time_ids
 from lora_studio.train.dataset import ImageItem
 from lora_studio.train.trainer import train
@@ -43,9 +43,7 @@ def _merge_by_hand(pipe, tensors, prefixes):
     ("sdxl", {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}, "sdxl_base_v1-0"),
 ])
 def test_family_training_writes_a_file_diffusers_applies_exactly(data, tmp_path, family, prefixes, version):
-    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path), run_name=family, resolution=64, min_bucket_reso=32,
-                      max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=2.0, steps=2, batch_size=2,
-                      learning_rate=1e-2, text_encoder_lr=1e-2, train_text_encoder=True, save_precision="fp32")
+    cfg = tiny_config(data, tmp_path, run_name=family, steps=2, text_encoder_lr=1e-2, train_text_encoder=True)
     pipe = tiny_pipeline(family)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     res = train(cfg, pipeline=pipe)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from train_configs import tiny_config
 from bench.common import emulate_cuda_autocast
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
 from lora_studio.lora.formats import read_lora
-from lora_studio.train.config import TrainConfig
 from lora_studio.train.lean import lean_backward
 from lora_studio.train.trainer import TrainCallbacks, train
 from train_threads import one_torch_thread  # noqa: F401  (autouse: one torch thread)
@@ -102,10 +102,7 @@ def test_training_with_and_without_it_gives_the_same_lora(data, tmp_path, precis
     for lean in (True, False):
         pipe = random_demo_pipeline()
         during = []
-        cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / str(lean)), run_name="run", resolution=64,
-                          min_bucket_reso=32, max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=2.0, steps=3,
-                          batch_size=2, learning_rate=1e-2, save_precision="fp32", seed=5, mixed_precision=precision,
-                          lean_backward=lean, **extra)
+        cfg = tiny_config(data, tmp_path / str(lean), seed=5, mixed_precision=precision, lean_backward=lean, **extra)
 
         def lean_modules():  # the UNet itself gets accelerate's autocast wrapper under mixed precision
             return sum("forward" in m.__dict__ for m in pipe.unet.modules() if m is not pipe.unet)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lora_studio.train.trainer as trainer_mod
+from train_configs import tiny_config
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
 from lora_studio.errors import TrainingError
 from lora_studio.fileio import load_safetensors
@@ -27,11 +28,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), output_dir=str(out), run_name="run", resolution=64, min_bucket_reso=32,
-                max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=4.0, steps=3, batch_size=2,
-                learning_rate=1e-2, save_precision="fp32", seed=3)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(data, out, **{"alpha": 4.0, "seed": 3, **kw})
 
 
 def _merge_by_hand(pipe, tensors: dict) -> None:

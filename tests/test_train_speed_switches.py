@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lora_studio.train.trainer as trainer_mod
+from train_configs import tiny_config
 from lora_studio.cli.main import build_parser
 from lora_studio.cli.train import build_config
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline
@@ -28,11 +29,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), output_dir=str(out), run_name="run", resolution=64, min_bucket_reso=32,
-                max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=2.0, steps=2, batch_size=1,
-                learning_rate=1e-2, save_precision="fp32", seed=5)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(data, out, **{"steps": 2, "batch_size": 1, "seed": 5, **kw})
 
 
 def _lora_params(model):

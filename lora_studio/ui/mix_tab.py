@@ -13,12 +13,11 @@ import gradio as gr
 from ..library import scan_library
 from ..mix_session import MixSession, SlotSpec, parse_block_weights
 from ..render import GenParams, sampler_names
-from .state import AppContext, named_handler, progress_adapter, user_errors
+from .state import AppContext, progress_adapter, user_errors, wire
 
 SLOTS = 4
 SLOT_FIELDS = ("lora", "strength", "te_strength", "blocks")   # per slot: lora_1, strength_1, ... in the API
 GEN_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "sampler")
-SLOT_NAMES = tuple(f"{f}_{i + 1}" for i in range(SLOTS) for f in SLOT_FIELDS)
 LIBRARY_COLUMNS = ["name", "family", "kind", "rank", "trigger words", "problem"]
 
 
@@ -47,7 +46,7 @@ def build_mix_tab(ctx: AppContext, mix_state: gr.State) -> None:
         library_dir = gr.Textbox(str(ctx.outputs), label="LoRA library folder", scale=3)
         scan_btn = gr.Button("Scan library", scale=1)
     library = gr.Dataframe(headers=LIBRARY_COLUMNS, label="Library", interactive=False, wrap=True)
-    slot_components: list[gr.components.Component] = []
+    slot_fields: dict[str, gr.components.Component] = {}
     lora_boxes, strengths, te_sliders, block_boxes = [], [], [], []
     for i in range(SLOTS):
         with gr.Row():
@@ -62,7 +61,8 @@ def build_mix_tab(ctx: AppContext, mix_state: gr.State) -> None:
                 block_boxes.append(gr.Textbox("", label=f"Block weights {i + 1}",
                                               placeholder="down=1, mid=1, up=1 or down.0=0.5, up.1=0"))
     for i in range(SLOTS):
-        slot_components += [lora_boxes[i], strengths[i], te_sliders[i], block_boxes[i]]
+        slot_fields.update(zip((f"{f}_{i + 1}" for f in SLOT_FIELDS),
+                               (lora_boxes[i], strengths[i], te_sliders[i], block_boxes[i])))
 
     with gr.Row():
         prompt = gr.Textbox("a red circle", label="Prompt", scale=3)
@@ -74,7 +74,7 @@ def build_mix_tab(ctx: AppContext, mix_state: gr.State) -> None:
         width = gr.Slider(64, 1536, value=64, step=8, label="Width")
         height = gr.Slider(64, 1536, value=64, step=8, label="Height")
         sampler = gr.Dropdown(sampler_names(), value="DDIM", label="Sampler")
-    gen_inputs = [prompt, negative, seed, steps, cfg, width, height, sampler]
+    gen_fields = dict(zip(GEN_FIELDS, (prompt, negative, seed, steps, cfg, width, height, sampler)))
     render_btn = gr.Button("Render comparison", variant="primary")
     grid = gr.Image(label="Base / each LoRA / mix", type="filepath", elem_id="mix-grid", format="png")
     tiles = gr.File(label="Each image (PNG with its generation parameters)", file_count="multiple",
@@ -122,14 +122,12 @@ def build_mix_tab(ctx: AppContext, mix_state: gr.State) -> None:
                             _out_dir("xy"), progress=progress_adapter(progress))
         return session, str(result.grid_path), _summary(session, f"X/Y grid: {len(result.image_paths)} cells")
 
-    common = ("session", "base", "separate_te", *GEN_FIELDS)
+    common = {"session": mix_state, "base": base, "separate_te": separate_te, **gen_fields}
     scan_btn.click(scan, library_dir, [library, *lora_boxes], api_name="mix_scan")
-    render_btn.click(named_handler(render, (*common, *SLOT_NAMES), progress=True),
-                     [mix_state, base, separate_te, *gen_inputs, *slot_components],
-                     [mix_state, grid, tiles, info], api_name="mix_render")
-    xy_btn.click(named_handler(render_xy, (*common, "x_axis", "y_axis", *SLOT_NAMES), progress=True),
-                 [mix_state, base, separate_te, *gen_inputs, x_axis, y_axis, *slot_components],
-                 [mix_state, xy_image, info], api_name="mix_xy")
+    wire(render_btn.click, render, {**common, **slot_fields}, [mix_state, grid, tiles, info], api_name="mix_render",
+         progress=True)
+    wire(xy_btn.click, render_xy, {**common, "x_axis": x_axis, "y_axis": y_axis, **slot_fields},
+         [mix_state, xy_image, info], api_name="mix_xy", progress=True)
 
 
 def _base(ctx: AppContext, text: str) -> str:

@@ -14,7 +14,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gradio as gr
 
@@ -73,12 +73,20 @@ def progress_adapter(progress: gr.Progress | None) -> ProgressCallback | None:
     return forward
 
 
-def named_handler(fn: Callable, names: Sequence[str], progress: bool = False) -> Callable:
-    """A gradio handler whose parameters carry ``names`` (so the API says ``strength_2``, not ``param_12``)
-    and that calls ``fn(values)`` / ``fn(values, progress)`` with a dict ``{name: value}``.
+def wire(event: Callable, fn: Callable, fields: Mapping[str, Any], outputs: Any, *, api_name: str,
+         progress: bool = False) -> Any:
+    """Connect ``event`` (``button.click``) to ``fn(values)`` / ``fn(values, progress)``, where ``values`` is
+    ``{name: value}`` for the ``fields`` mapping of names to input components. The names are the API's parameter
+    names (``strength_2``, not ``param_12``); the one mapping gives both the inputs and their names, so no
+    handler depends on the order of widgets."""
+    names = tuple(fields)
+    return event(_named_handler(fn, names, progress), [fields[n] for n in names], outputs, api_name=api_name)
 
-    gradio passes input values positionally, in the order of the ``inputs`` list; ``names`` must follow that
-    order. With ``progress`` a ``gr.Progress`` is asked for and handed over."""
+
+def _named_handler(fn: Callable, names: Sequence[str], progress: bool = False) -> Callable:
+    """A gradio handler whose parameters are ``names``. gradio passes input values positionally, in the order
+    of the ``inputs`` list, and reads the API's parameter names from the handler's signature: ``wire`` builds
+    both from one mapping. With ``progress`` a ``gr.Progress`` is asked for and handed over."""
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
     if progress:
         params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))

@@ -13,7 +13,7 @@ import pandas as pd
 from ..dataset_preview import import_images, preview_dataset
 from ..jobs import JobSnapshot
 from ..train.config import CHOICES, DEFAULT_UNET_TARGETS, TrainConfig, list_presets, load_preset
-from .state import AppContext, named_handler, user_errors
+from .state import AppContext, user_errors, wire
 
 # Attention projections, the transformer's other linears, and the ResNet convs (LoCon-style training).
 TARGET_CHOICES = list(DEFAULT_UNET_TARGETS) + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
@@ -23,7 +23,6 @@ POLL_SECONDS = 1.0
 # TrainConfig fields the tab edits, in the order of the knob components (and of the API's parameters).
 KNOB_FIELDS = ("rank", "alpha", "learning_rate", "steps", "resolution", "batch_size", "target_modules",
                "train_text_encoder", "mixed_precision", "save_precision", "sample_every_n_steps", "trigger_word")
-START_FIELDS = ("preset", "data_dir", "base", "run_name", *KNOB_FIELDS)   # the Start / Resume API parameters
 _INT_FIELDS = {"rank", "steps", "resolution", "batch_size", "sample_every_n_steps"}
 
 
@@ -63,7 +62,7 @@ def _knob_components(cfg: TrainConfig) -> dict[str, gr.components.Component]:
 
 def config_from_inputs(ctx: AppContext, values: dict[str, Any], resume: bool = False) -> TrainConfig:
     """The preset, with the knobs, folders and names of the page on top; paths checked by the policy.
-    ``values`` holds ``START_FIELDS``."""
+    ``values`` holds the preset, data_dir, base, run_name and the ``KNOB_FIELDS``."""
     preset = values.get("preset")
     cfg = load_preset(preset) if preset else TrainConfig()
     changes: dict[str, Any] = {}
@@ -213,10 +212,10 @@ def build_train_tab(ctx: AppContext) -> None:
     preview_btn.click(preview, [data_dir, knobs["trigger_word"], knobs["resolution"]], [preview_text, preview_gallery],
                       api_name="train_preview")
     preset.change(on_preset, preset, knob_list, api_name="train_load_preset")
-    start_inputs = [preset, data_dir, base, run_name, *knob_list]
-    start_btn.click(named_handler(start, START_FIELDS), start_inputs, [job_state, seen_state], api_name="train_start")
-    resume_btn.click(named_handler(resume, START_FIELDS), start_inputs, [job_state, seen_state],
-                     api_name="train_resume")
+    start_fields = {"preset": preset, "data_dir": data_dir, "base": base, "run_name": run_name,
+                    **{f: knobs[f] for f in KNOB_FIELDS}}
+    wire(start_btn.click, start, start_fields, [job_state, seen_state], api_name="train_start")
+    wire(resume_btn.click, resume, start_fields, [job_state, seen_state], api_name="train_resume")
     stop_btn.click(stop, job_state, status, api_name="train_stop")
     poll_outputs = [job_state, seen_state, status, loss_plot, samples, log, lora_out, start_btn, stop_btn,
                     resume_btn]

@@ -85,40 +85,32 @@ def diffusers_unet_to_ldm(name: str, layout: UnetLayout) -> str | None:
     n = layout.layers_per_block
     parts = name.split(".")
 
-    def res_rest(rest: list[str]) -> str | None:
-        if not rest or rest[0] not in _RESNET_TO_LDM:
-            return None
-        return ".".join([_RESNET_TO_LDM[rest[0]], *rest[1:]])
+    def block(resnet: str, attention: str, kind: str, rest: list[str]) -> str | None:
+        """A resnet or attention of one ldm block, given the two ldm heads the block's parts go under."""
+        if kind == "resnets":
+            if not rest or rest[0] not in _RESNET_TO_LDM:
+                return None
+            return ".".join([resnet, _RESNET_TO_LDM[rest[0]], *rest[1:]])
+        if kind == "attentions":
+            return ".".join([attention, *rest])
+        return None
 
     if parts[0] == "down_blocks" and len(parts) >= 4:
         i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-        if kind == "resnets":
-            r = res_rest(rest)
-            return None if r is None else f"input_blocks.{i * (n + 1) + j + 1}.0.{r}"
-        if kind == "attentions":
-            return ".".join([f"input_blocks.{i * (n + 1) + j + 1}.1", *rest])
         if kind == "downsamplers" and rest == ["conv"]:
             return f"input_blocks.{(i + 1) * (n + 1)}.0.op"
-        return None
+        idx = i * (n + 1) + j + 1
+        return block(f"input_blocks.{idx}.0", f"input_blocks.{idx}.1", kind, rest)
     if parts[0] == "mid_block" and len(parts) >= 3:
         kind, j, rest = parts[1], int(parts[2]), parts[3:]
-        if kind == "resnets":
-            r = res_rest(rest)
-            return None if r is None else f"middle_block.{2 * j}.{r}"
-        if kind == "attentions":
-            return ".".join([f"middle_block.{2 * j + 1}", *rest])
-        return None
+        return block(f"middle_block.{2 * j}", f"middle_block.{2 * j + 1}", kind, rest)
     if parts[0] == "up_blocks" and len(parts) >= 4:
         i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-        if kind == "resnets":
-            r = res_rest(rest)
-            return None if r is None else f"output_blocks.{i * (n + 1) + j}.0.{r}"
-        if kind == "attentions":
-            return ".".join([f"output_blocks.{i * (n + 1) + j}.1", *rest])
         if kind == "upsamplers" and rest == ["conv"]:
             has_attn = i < len(layout.up_has_attention) and layout.up_has_attention[i]
             return f"output_blocks.{i * (n + 1) + n}.{2 if has_attn else 1}.conv"
-        return None
+        idx = i * (n + 1) + j
+        return block(f"output_blocks.{idx}.0", f"output_blocks.{idx}.1", kind, rest)
     return None
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from lora_studio import demo
-from lora_studio.demo_shapes import COLORS, WORDS, ShapeSpec, draw_striped, shape_mask
+from lora_studio.demo.shapes import COLORS, WORDS, ShapeSpec, draw_striped, shape_mask
 
 
 def test_tokenizer_has_one_token_per_demo_word_and_still_tokenizes_anything():

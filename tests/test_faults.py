@@ -344,7 +344,7 @@ def test_gui_binds_localhost_unless_told_and_refuses_the_network_without_auth(mo
 def test_demo_sample_grid_is_written_atomically(tmp_path, monkeypatch):
     from PIL import Image
 
-    from lora_studio.demo_render import sample_grid
+    from lora_studio.demo.render import sample_grid
 
     out = tmp_path / "samples.png"
     out.write_bytes(b"earlier grid")

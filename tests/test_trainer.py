@@ -54,7 +54,7 @@ def trained(demo_model_dir, demo_dataset, tmp_path_factory):
 
 
 def test_metric_separates_style_from_plain(demo_dataset):
-    from lora_studio.demo_shapes import draw_shape, random_spec
+    from lora_studio.demo.shapes import draw_shape, random_spec
     import random
 
     style = [stripe_amplitude(np.asarray(load_image(p))) for p in sorted(demo_dataset.rglob("*.png"))]

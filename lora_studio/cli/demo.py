@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from .. import demo
-    from ..demo_render import sample_grid
+    from ..demo.render import sample_grid
 
     progress = text_progress()
     if args.rebuild:

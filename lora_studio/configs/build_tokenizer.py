@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..demo import _bytes_to_unicode
+from ..demo.model import bytes_to_unicode
 
 OUT = Path(__file__).resolve().parent / "clip-tokenizer"
 N_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the table
@@ -22,7 +22,7 @@ N_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the table
 def build(bpe_gz: str | Path, out: Path = OUT) -> Path:
     lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,4 @@
-"""The tiny built-in demo model and demo style dataset.
-
-The demo model has the real Stable Diffusion 1.x structure (diffusers
-``UNet2DConditionModel`` with cross-attention ``to_q/to_k/to_v/to_out.0``,
-``AutoencoderKL``, transformers ``CLIPTextModel`` + ``CLIPTokenizer``, a DDIM
-scheduler) at toy size, and is *trained here*, offline and deterministically,
-to draw coloured shapes at 64 px from prompts like "a red circle". Its weights
-ship in ``lora_studio/assets/demo-model`` (a few MB); ``build_demo_model``
-rebuilds them from nothing in about a minute and a half on two CPU cores.
-
-Written by hand because no library ships a trainable toy SD: the tokenizer
-vocabulary (byte-level CLIP BPE plus merges for a small word list), the
-drawing of training pictures, and a minimal VAE + UNet training loop.
-"""
+"""Train the demo model from nothing (offline, deterministic), and find or load the shipped one."""
 
 from __future__ import annotations
 
@@ -24,141 +11,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .demo_shapes import WORDS, ShapeSpec, draw_shape, draw_striped, random_spec
-from .fileio import atomic_dir
-from .progress import ProgressCallback, report
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_MODEL_DIR = ASSETS / "demo-model"
-DEMO_RESOLUTION = 64
-DEMO_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
+from ..fileio import atomic_dir
+from ..progress import ProgressCallback, report
+from .model import DEMO_MODEL_DIR, DEMO_RESOLUTION, SCHEDULER_CONFIG, random_demo_pipeline
+from .shapes import draw_shape, draw_striped, random_spec
 
 
-# --------------------------------------------------------------------------- tokenizer
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable-unicode table (same rule as GPT-2 and CLIP)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Apply BPE merges by rank, as CLIP's tokenizer does."""
-    while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-        rank, i = min(pairs)
-        if rank == 1 << 30:
-            break
-        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
-    return parts
-
-
-def tiny_vocab(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[str]]:
-    """A CLIP-style BPE vocabulary: every byte (so any prompt tokenizes) plus one token per demo word."""
-    base = list(_bytes_to_unicode().values())
-    vocab_list = base + [c + "</w>" for c in base]
-    merges: list[str] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
-        while len(parts) > 1:  # join what the earlier merges left, left to right
-            ranks[(parts[0], parts[1])] = len(merges)
-            merges.append(f"{parts[0]} {parts[1]}")
-            vocab_list.append(parts[0] + parts[1])
-            parts = [parts[0] + parts[1]] + parts[2:]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab_list)}, merges
-
-
-def write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-
-
-def tiny_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab, merges = tiny_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=77)
-
-
-# --------------------------------------------------------------------------- architecture
-def tiny_unet_config() -> dict:
-    return dict(
-        sample_size=DEMO_RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=4,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-    )
-
-
-def tiny_vae_config() -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=DEMO_RESOLUTION,
-    )
-
-
-def tiny_text_config(vocab_size: int, eos_token_id: int, bos_token_id: int) -> dict:
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
-    )
-
-
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-)
-
-
-def random_demo_pipeline(seed: int = 0):
-    """The demo architecture with freshly initialised (untrained) weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(**tiny_text_config(len(tok), tok.eos_token_id, tok.bos_token_id)))
-    unet = UNet2DConditionModel(**tiny_unet_config())
-    vae = AutoencoderKL(**tiny_vae_config())
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-# --------------------------------------------------------------------------- build (train) the demo model
 @dataclass
 class DemoBuildConfig:
     seed: int = 0
@@ -293,16 +151,3 @@ def load_demo_pipeline(progress: ProgressCallback | None = None):
     return pipe
 
 
-# --------------------------------------------------------------------------- demo style dataset
-def make_demo_dataset(out_dir: str | Path, count: int = 24, seed: int = 1, repeats: int = 10,
-                      trigger: str = "") -> Path:
-    """Write the demo *style* dataset: striped shapes with ``.txt`` captions, in a kohya ``N_name`` folder."""
-    folder = Path(out_dir) / f"{repeats}_stripes"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for i in range(count):
-        spec: ShapeSpec = random_spec(rng)
-        draw_striped(spec, DEMO_RESOLUTION).save(folder / f"{i:03d}.png")
-        caption = f"{trigger}, {spec.caption}" if trigger else spec.caption
-        (folder / f"{i:03d}.txt").write_text(caption, encoding="utf-8")
-    return Path(out_dir)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .demo import DEMO_PROMPTS, DEMO_RESOLUTION
-from .grid import labelled_grid
+from ..grid import labelled_grid
+from .model import DEMO_PROMPTS, DEMO_RESOLUTION
 
 
 def sample_grid(pipe, out: str | Path, steps: int = 20, seeds: tuple[int, ...] = (0, 1), cfg: float = 3.0) -> Path:

@@ -3,10 +3,8 @@
 Why: PyTorch's CPU ops allocate their large temporaries (oneDNN's reordered conv weights, matmul outputs,
 activations) with plain ``malloc``. glibc serves every block above its mmap threshold (at most 32 MiB, and
 adjusted at run time) with a fresh ``mmap`` and gives it back with ``munmap`` on free, so each such op pays for
-page faults on memory the kernel must zero. On the 2-core VMs this project is measured on, that cost grows with
-the process's resident size: an SD 1.5 bf16 conv that takes 4.5 ms took 20-100 ms in a process holding 4 GB of
-kept weights (bench/RESULTS.md, "Allocator"), which made training on a passed-in pipeline 0.66x the diffusers
-loop and rendering with a live mix 17% slower than the bare base. Raising the mmap threshold and the trim
+page faults on memory the kernel must zero, a cost that grows with the process's resident size (bench/RESULTS.md,
+"Allocator"). Raising the mmap threshold and the trim
 threshold with ``mallopt`` lets freed blocks be reused without new page faults. PyTorch's CPU tuning guide
 recommends jemalloc or tcmalloc (``LD_PRELOAD``) for the same reason; this needs nothing installed.
 

@@ -71,7 +71,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 def _load_base(base, config_dir, progress):
     """``(pipe, family, source_path or None)``; a path is loaded with ``models.load_pipeline`` in fp32."""
     if isinstance(base, (str, os.PathLike)):
-        from .models import load_pipeline  # another engineer's loader; imported late on purpose
+        from .models import load_pipeline
 
         report(progress, "load", 0, 1, str(base))
         kwargs = {"config_dir": config_dir} if config_dir is not None else {}

@@ -82,7 +82,7 @@ def read_modules(path: str | os.PathLike, notes: list[str] | None = None):
 
     DoRA modules are refused: their delta depends on the base weight, which these file-only operations lack.
     """
-    from .lora.formats import read_lora  # another engineer's reader; imported late on purpose
+    from .lora.formats import read_lora
 
     lf = read_lora(path)
     if lf.embeddings and notes is not None:

@@ -5,8 +5,8 @@ W0 stays on the weight's own device when there is room: the parameter's tensor i
 parameter gets fresh storage to be written into, so nothing is copied (~0.5 GB for SD 1.5 attention in fp32)
 and on a GPU nothing crosses the bus. That is always so on the CPU; on CUDA only while a second copy of the
 touched weights still leaves a working reserve free for rendering (``originals_fit_on_device``). Otherwise W0
-is copied to CPU memory, GPU memory holds only the live weights, and each apply uploads W0 again (on an H100
-that round trip made load + apply 0.23 s instead of the CPU's 0.14 s for SD 1.5).
+is copied to CPU memory, GPU memory holds only the live weights, and each apply uploads W0 again (the cost of
+that round trip is in bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -17,13 +17,9 @@ LoRA's gradients need:
   autocast. ``LeanSilu`` keeps nothing of its own and recomputes the norm from the norm's kept input in the
   backward (one more memory-bound norm pass per block).
 
-Measured at the SD 1.5 UNet, 512 px, batch 1, bf16 autocast, as the bytes of the tensors saved for the backward
-(weights excluded; bench/RESULTS.md): under the CPU's autocast rules 765 MiB for the diffusers example loop,
-511 MiB for ours with all of the above (570 with the convolutions and GEGLUs alone); under CUDA's rules
-(``bench/train_step.py --cuda-autocast``) 1,042 against 559 MiB (0.54x). ``torch.compile`` finds such savings by
-itself; this is for the eager runs. The cost is Python: each autograd.Function call is 10-20 us more than the
-built-in path (micro-benchmarks on this project's CPU), a few ms per SD 1.5 step; ``lean_backward=False``
-saves it where memory is plentiful and steps are short.
+What it saves and what it costs (Python per op in eager steps) are measured in bench/RESULTS.md
+(``bench/train_step.py --cuda-autocast``); it is an opt-in low-memory switch for that reason. ``torch.compile``
+finds such savings by itself; this is for the eager runs.
 Written by hand because neither torch nor diffusers offers it: ``torch.utils.checkpoint`` recomputes whole
 regions, which costs a second forward pass.
 """

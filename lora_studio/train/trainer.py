@@ -103,11 +103,9 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device |
 
 
 def _maybe_compile(unet, enabled: bool, device: torch.device | str, mode: str = "default"):
-    """``torch.compile(unet, mode=mode)`` on CUDA when asked; elsewhere the UNet itself and a warning. (On this
-    project's 2-core CPU, torch 2.13, the demo UNet's first compiled training step took ~110 s and the next three
-    9 s, against ~0.05 s per eager step.) Each new bucket shape compiles again. On an H100 the default mode made
-    SD 1.5 batch-4 steps 5% faster and their peak memory 25% lower; "reduce-overhead" (CUDA graphs) took a
-    launch-bound batch-1 step from ~200 ms to 29 ms after 143 s of compiling (bench/RESULTS.md)."""
+    """``torch.compile(unet, mode=mode)`` on CUDA when asked; elsewhere the UNet itself and a warning (compiling
+    on a CPU costs far more than it saves). Each new bucket shape compiles again; what it gains on a GPU, and
+    after how long, is in bench/RESULTS.md."""
     if not enabled:
         return unet
     if torch.device(device).type != "cuda":

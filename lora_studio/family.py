@@ -30,6 +30,11 @@ class Family(str, Enum):
                 "sdxl": "stable-diffusion-xl-v1-base/lora"}[self.value]
 
     @property
+    def default_resolution(self) -> int:
+        """The side, in pixels, the family's base models were trained at."""
+        return {"sd1": 512, "sd2": 768, "sdxl": 1024}[self.value]
+
+    @property
     def ss_base_model_version(self) -> str:
         return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.value]
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from .compare import ComparisonResult, comparison_grid, parse_axis, xy_grid
 from .errors import ConfigError
+from .models import load_base
 from .progress import ProgressCallback, StopFlag
 from .render import GenParams
 
@@ -30,28 +31,8 @@ class SlotSpec:
     blocks: dict[str, float] = field(default_factory=dict)
 
 
-def parse_block_weights(text: str) -> dict[str, float]:
-    """``"down=1, mid=0.5, up.1=0"`` -> ``{"down": 1.0, "mid": 0.5, "up.1": 0.0}``; empty text -> ``{}``.
-    The keys are checked by ``LoraMixer`` when the weights are set."""
-    out: dict[str, float] = {}
-    for part in (p.strip() for p in (text or "").replace(";", ",").split(",")):
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"block weight {part!r} should look like NAME=NUMBER, e.g. 'down=1, mid=0.5, "
-                              "up.1=0'.") from None
-    return out
-
-
 def _default_loader(base: str):
-    from .models import load_pipeline
-
-    return load_pipeline(base).pipe
+    return load_base(base).pipe
 
 
 class MixSession:

@@ -14,6 +14,7 @@ Sources, in the order they are tried:
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .fileio import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header, r
 from .ldm import detect_family_from_ldm_keys
 from .progress import ProgressCallback, report
 
-Kind = Literal["diffusers", "single_file", "hub"]
+Kind = Literal["diffusers", "single_file", "hub", "pipeline"]
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -118,7 +119,8 @@ def _load_hub(repo_id: str, dtype: torch.dtype, local_files_only: bool) -> Loade
 
 
 # --------------------------------------------------------------------------- single files
-def _check_config_dir(folder: Path, family: Family) -> Path:
+def check_config_dir(folder: Path, family: Family) -> Path:
+    """``folder`` if it is a config folder for a single-file checkpoint of ``family``, else ``InputFileError``."""
     if not (folder / "model_index.json").is_file():
         raise InputFileError(f"config folder {folder} has no model_index.json. Give a diffusers model folder "
                              f"(weights not needed) whose configs match this {family.label} checkpoint.")
@@ -147,7 +149,7 @@ def _apply_prediction_type(pipe, metadata: dict[str, str]) -> None:
 
 def _from_single_file(path: Path, family: Family, source: str, dtype: torch.dtype, config_dir: Path | None,
                       metadata: dict[str, str]) -> LoadedModel:
-    cfg = _check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
+    cfg = check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
     cls = _pipeline_class(family)
     # The shipped configs hold no tokenizer files (one shared CLIP vocabulary): pass the tokenizers in.
     tokenizers = {} if (cfg / "tokenizer").is_dir() else family_tokenizers(family)
@@ -302,3 +304,16 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "dtype": max(dtypes, key=dtypes.get) if dtypes else None,
         "components": {k: v for k, v in components.items() if v}, "metadata": metadata,
     }
+
+
+def load_base(base: Any, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+              config_dir: str | Path | None = None, progress: ProgressCallback | None = None) -> LoadedModel:
+    """The one way every command and tab gets its base model: ``base`` is what a user names ("demo", a diffusers
+    folder, a single-file checkpoint, a hub id; see ``load_pipeline``), or a model already loaded (a
+    ``LoadedModel``, or a bare pipeline, which the app and the tests hand over)."""
+    if isinstance(base, LoadedModel):
+        return base
+    if base is None or isinstance(base, (str, os.PathLike)):
+        return load_pipeline(None if base is None else str(base), dtype=dtype, allow_pickle=allow_pickle,
+                             config_dir=config_dir, progress=progress)
+    return LoadedModel(base, family_of_pipeline(base), "pipeline", "pipeline")

@@ -35,7 +35,7 @@ def _inputs(family, tmp_path, **lora_kw):
 @pytest.mark.parametrize("family", [Family.SD1, Family.SD2, Family.SDXL], ids=lambda f: f.value)
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_streamed_export_equals_the_in_memory_export(family, dtype, tmp_path, monkeypatch):
-    import lora_studio.export as export
+    import lora_studio.export.checkpoint as export
     from lora_studio.models import load_pipeline
 
     pipe, cfg, base, mods = _inputs(family, tmp_path)
@@ -171,7 +171,7 @@ def test_ldm_location_agrees_with_the_whole_state_dict_rename(family):
 def test_a_target_the_stream_cannot_place_falls_back_to_the_in_memory_export(tmp_path, monkeypatch):
     """SDXL's OpenCLIP text_projection is stored transposed, so a LoRA on it has no plain place in the file: the
     export loads the model instead (and says so), and the result is the merge all the same."""
-    import lora_studio.export as export
+    import lora_studio.export.checkpoint as export
 
     pipe, cfg, base, mods = _inputs(Family.SDXL, tmp_path)
     w = pipe.text_encoder_2.text_projection.weight
@@ -244,7 +244,7 @@ def test_a_bf16_base_streams_to_fp32_and_fp16_like_the_in_memory_export(tmp_path
 def test_a_diffusers_folder_base_streams_like_the_in_memory_export(family, tmp_path, monkeypatch):
     """A diffusers folder exported to one file: renamed and merged tensor by tensor, equal to the in-memory export
     (which loads the folder and renames the whole pipeline), with the folder's weights sharded or not."""
-    import lora_studio.export as export
+    import lora_studio.export.checkpoint as export
     from lora_studio.models import load_pipeline
 
     pipe = tiny_pipeline(family)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from lora_factories import demo_or_random_pipeline, write_kohya_lora
 from lora_studio.cli.main import main
-from lora_studio.cli.mix import parse_blocks_arg, parse_lora_arg
+from lora_studio.lora_args import parse_blocks_arg, parse_lora_arg
 from lora_studio.errors import ConfigError
 from lora_studio.mix_preset import (PRESETS_DIR, MixPreset, PresetLora, add_preset_loras, load_mix_preset,
                                     preset_from_dict, save_mix_preset)

@@ -28,7 +28,7 @@ def _perturb(pipe, suffix: str, rank: int, scale: float, seed: int) -> dict[str,
 
 
 def test_extract_recovers_known_delta_and_diffusers_applies_it(tmp_path):
-    from lora_studio.export_lora import extract_lora
+    from lora_studio.export import extract_lora
 
     base, tuned = random_demo_pipeline(0), random_demo_pipeline(0)
     deltas = _perturb(tuned, "attn2.to_k", rank=2, scale=0.05, seed=1)
@@ -51,7 +51,7 @@ def test_extract_recovers_known_delta_and_diffusers_applies_it(tmp_path):
 
 
 def test_extract_all_layers_includes_convs_and_refuses_identical_models(tmp_path):
-    from lora_studio.export_lora import extract_lora
+    from lora_studio.export import extract_lora
 
     base, tuned = random_demo_pipeline(0), random_demo_pipeline(0)
     with pytest.raises(ExportError, match="equals the base"):
@@ -127,7 +127,7 @@ def _delta(mod):
 
 
 def test_resize_lora_file_keeps_delta_at_full_rank_and_truncates_by_energy(tmp_path):
-    from lora_studio.export_lora import resize_lora
+    from lora_studio.export import resize_lora
     from lora_studio.lora.formats import read_lora
 
     pipe = random_demo_pipeline(0)
@@ -162,7 +162,7 @@ def test_resize_lora_file_keeps_delta_at_full_rank_and_truncates_by_energy(tmp_p
 
 
 def test_merged_lora_file_applies_like_both_loras_in_diffusers(tmp_path):
-    from lora_studio.export_lora import merge_loras
+    from lora_studio.export import merge_loras
     from lora_studio.lora.formats import read_lora
 
     pipe = random_demo_pipeline(0)
@@ -204,7 +204,7 @@ def test_merged_lora_file_applies_like_both_loras_in_diffusers(tmp_path):
 
 def test_merge_refuses_loras_of_different_families(tmp_path):
     from lora_studio.errors import LoraFormatError
-    from lora_studio.export_lora import merge_loras
+    from lora_studio.export import merge_loras
 
     pipe = random_demo_pipeline(0)
     _kohya_file(pipe, tmp_path / "a.safetensors", seed=5, rank=2, alpha=1.0)
@@ -237,7 +237,7 @@ def test_resize_and_merge_cli(tmp_path, capsys):
 def test_resize_real_lokr_file(real_loras, tmp_path):
     """A real LyCORIS LoKr (350 modules, convs included) resized by energy: every module keeps >= 90% and the
     error of the written delta (checked against lora.math's LoKr formula) is exactly the dropped tail."""
-    from lora_studio.export_lora import resize_lora
+    from lora_studio.export import resize_lora
     from lora_studio.lora import math as lora_math
     from lora_studio.lora.formats import read_lora
 

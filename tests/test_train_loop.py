@@ -211,6 +211,6 @@ def test_own_pipeline_in_bf16_trains_fp32_lora_weights(tiny_data, tmp_path, monk
     assert all(t.dtype == torch.float32 for t in tensors.values())
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert any(t.abs().max() > 0 for t in ups)       # fp32 LoRA weights moved (bf16 would round tiny updates away)
-    pipe = loaded[0]              # the frozen weights were held in bf16 (SD1's VAE too, as in diffusers' script)
+    pipe = loaded[0].pipe         # the frozen weights were held in bf16 (SD1's VAE too, as in diffusers' script)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
     assert pipe.vae.dtype == torch.bfloat16

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..export import export_merged_checkpoint, merge_loras
+from ..lora_args import parse_lora_arg
 from ..progress import text_progress
 from .resize import add_rank_args, rank_rule
 
@@ -35,8 +37,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import export_merged_checkpoint, merge_loras, parse_lora_arg
-
     loras = [parse_lora_arg(x) for x in args.lora]
     rank_given = any(v is not None for v in (args.rank, args.ratio, args.energy))
     if args.as_lora:
@@ -47,7 +47,10 @@ def run(args) -> int:
             raise ConfigError("--rank/--ratio/--energy choose the rank of an SVD merge; "
                               "drop them or pass --method svd.")
         rule = rank_rule(args, default=("energy", 0.99))
-        rep = merge_loras(loras, args.out, method=method, rank_method=rule[0], value=rule[1],
+        if any(a.te_strength is not None for a in loras):
+            raise ConfigError("--as-lora merges each LoRA at one strength; drop the text-encoder strength "
+                              "(FILE:STRENGTH).")
+        rep = merge_loras([(a.ref, a.strength) for a in loras], args.out, method=method, rank_method=rule[0], value=rule[1],
                           dtype=args.dtype or "fp16", progress=text_progress())
         print(rep.text())
         return 0

@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export_lora import extract_lora
+    from ..export import extract_lora
 
     method, value = rank_rule(args)
     rep = extract_lora(args.tuned, args.base, args.out, method, value,

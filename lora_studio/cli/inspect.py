@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..models import describe_checkpoint
+
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="show a LoRA's family, kind, rank/alpha, modules, metadata and trigger words "
@@ -17,11 +19,6 @@ def register(sub) -> None:
 
 
 def _print_checkpoint(path: Path, as_json: bool) -> int:
-    try:
-        from ..models import describe_checkpoint
-    except ImportError:
-        print(f"{path} is not a LoRA file (it looks like a full model checkpoint).")
-        return 1
     desc = describe_checkpoint(path)
     if as_json:
         print(json.dumps(desc, indent=2, default=str))

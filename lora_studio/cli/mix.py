@@ -14,7 +14,9 @@ import argparse
 import re
 from pathlib import Path
 
+from .. import models
 from ..errors import ConfigError, InputFileError
+from ..lora_args import parse_blocks_arg, parse_lora_arg
 from ..library import LORA_SUFFIXES, PICKLE_SUFFIXES, resolve
 from ..progress import text_progress
 
@@ -63,25 +65,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-
-
-def parse_lora_arg(text: str) -> tuple[str, float, float | None]:
-    """``"a.safetensors:0.8"`` -> ("a.safetensors", 0.8, None); ``"a:0.8:0.5"`` -> te 0.5. A path may hold
-    colons (``C:\\x.safetensors``): only trailing numbers are strengths, and a trailing word that is no path
-    (``a.safetensors:abc``, ``:nan``) is a strength that is not a number."""
-    text = text.strip()
-    m = re.fullmatch(rf"(.+?)(?::({_NUM}))?(?::({_NUM}))?", text)
-    if not m or not m.group(1):
-        raise ConfigError(f"--lora {text!r}: write FILE, FILE:STRENGTH or FILE:STRENGTH:TE_STRENGTH.")
-    ref, s, te = m.group(1), m.group(2), m.group(3)
-    head, sep, tail = ref.rpartition(":")
-    if sep and head and not Path(ref).exists() and not re.search(r"[\\/]", tail):
-        raise ConfigError(f"--lora {text!r}: the strength {tail!r} is not a number. "
-                          "Write FILE:STRENGTH with a finite number, e.g. a.safetensors:0.8 or a.safetensors:-0.5.")
-    return ref, float(s) if s is not None else 1.0, float(te) if te is not None else None
-
-
 def find_lora_arg(ref: str, lora_dir: str | None) -> Path:
     """The file a ``--lora`` reference names: an existing file, else a name looked up in ``lora_dir``."""
     path = Path(ref).expanduser()
@@ -98,34 +81,9 @@ def find_lora_arg(ref: str, lora_dir: str | None) -> Path:
     return resolve(ref, lora_dir)
 
 
-def parse_blocks_arg(text: str) -> tuple[str, dict[str, float]]:
-    """``"stripes:down=0,up=0.5"`` -> ("stripes", {"down": 0.0, "up": 0.5})."""
-    name, sep, rest = text.rpartition(":")
-    weights: dict[str, float] = {}
-    for part in rest.split(","):
-        key, _, value = part.partition("=")
-        try:
-            weights[key.strip()] = float(value) if key.strip() else float("x")
-        except ValueError:
-            raise ConfigError(f"--blocks {text!r}: write NAME:KEY=WEIGHT,KEY=WEIGHT, e.g. stripes:down=0,up=1.") from None
-    if not sep or not name:
-        raise ConfigError(f"--blocks {text!r} names no LoRA: write NAME:KEY=WEIGHT,..., e.g. stripes:down=0,up=1.")
-    return name, weights
-
-
 def load_base(source: str, allow_pickle: bool = False):
-    """(pipeline, model name for the infotext). Uses ``lora_studio.models``; falls back to the demo loader."""
-    try:
-        from ..models import load_pipeline
-    except ImportError:  # an install without the model loader can still run the demo model
-        load_pipeline = None
-    if load_pipeline is None:
-        if source.lower() != "demo":
-            raise ConfigError(f"--base {source!r}: only 'demo' can be loaded in this install.")
-        from ..demo import load_demo_pipeline
-
-        return load_demo_pipeline(text_progress()), "demo"
-    loaded = load_pipeline(source, allow_pickle=allow_pickle, progress=text_progress())
+    """(pipeline, model name for the infotext)."""
+    loaded = models.load_base(source, allow_pickle=allow_pickle, progress=text_progress())
     loaded.pipe.set_progress_bar_config(disable=True)
     return loaded.pipe, "demo" if source.lower() == "demo" else (Path(source).stem or source)
 

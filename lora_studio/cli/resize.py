@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export_lora import resize_lora
+    from ..export import resize_lora
 
     method, value = rank_rule(args)
     rep = resize_lora(args.lora, args.out, method, value, dtype=args.dtype, progress=text_progress())

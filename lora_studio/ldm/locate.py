@@ -1,6 +1,6 @@
 """Where one diffusers parameter lives in the original single-file layout, without building the whole state dict.
 
-``pipeline_to_ldm_state_dict`` renames a loaded pipeline; the streamed export (``lora_studio.export_stream``)
+``pipeline_to_ldm_state_dict`` renames a loaded pipeline; the streamed export (``lora_studio.export.stream``)
 never loads one, so it asks here, name by name, which tensor of the checkpoint file a LoRA's target weight is.
 Every answer is the same rename the state-dict functions make (a test checks the two agree on every weight of
 tiny SD1, SD2 and SDXL pipelines); the one new case is a fused OpenCLIP ``in_proj_weight``, of which q, k and v

@@ -49,6 +49,15 @@ def kohya_module_name(prefix: str, module_name: str) -> str:
     return prefix + module_name.replace(".", "_")
 
 
+def canonical_kohya_name(name: str) -> str:
+    """One spelling per text-encoder module name in a file, the one ``kohya_module_name`` writes (transformers
+    5.x names lack the ``text_model.`` level that real kohya files have), so two files merge module by module."""
+    for prefix in (TE_PREFIX, TE1_PREFIX, TE2_PREFIX):
+        if name.startswith(prefix + "encoder_layers_"):
+            return prefix + "text_model_" + name[len(prefix):]
+    return name
+
+
 # --------------------------------------------------------------------------- diffusers <-> ldm UNet names
 _RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

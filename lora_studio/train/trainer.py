@@ -20,6 +20,7 @@ from peft.helpers import disable_input_dtype_casting
 
 from ..errors import ConfigError, TrainingError
 from ..family import Family, family_of_pipeline
+from ..models import load_base
 from ..progress import ProgressCallback, StopFlag, report
 from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
 from .adapters import (InjectedLora, count_parameters, inject_lora, remove_lora, skips_input_casts,
@@ -62,20 +63,6 @@ class TrainResult:
 
 class _NonFinite(Exception):
     pass
-
-
-def load_base(base: str, progress: ProgressCallback | None = None):
-    """A diffusers pipeline for ``base`` ("demo", a folder, a single file or a hub id)."""
-    try:
-        from ..models import load_pipeline  # written alongside; handles every kind of source
-    except ImportError:
-        if base == "demo":
-            from ..demo import load_demo_pipeline
-
-            return load_demo_pipeline(progress)
-        raise TrainingError(f"cannot load base model {base!r}: only the built-in 'demo' model can be loaded in this "
-                            "build (lora_studio.models is missing). Use --base demo.") from None
-    return load_pipeline(base, progress=progress).pipe
 
 
 def _make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device | str = "cpu"):
@@ -154,7 +141,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     callbacks = callbacks or TrainCallbacks()
 
     items = scan_images(cfg.data_dir, cfg.caption_extension, cfg.trigger_word)
-    pipe = pipeline if pipeline is not None else load_base(cfg.base, progress)
+    pipe = pipeline if pipeline is not None else load_base(cfg.base, progress=progress).pipe
     family = family_of_pipeline(pipe)
     accelerator = _make_accelerator(cfg)
     device = accelerator.device

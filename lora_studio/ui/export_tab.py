@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..export import FORMATS, export_merged_checkpoint, parse_lora_arg
-from ..export_lora import extract_lora, merge_loras, resize_lora
+from ..export import FORMATS, export_merged_checkpoint, extract_lora, merge_loras, resize_lora
+from ..lora_args import parse_lora_arg
 from ..lora.rank import METHODS
 from ..mix_session import MixSession
 from ..spectrum import plot_spectrum
@@ -20,8 +20,8 @@ def _lora_lines(ctx: AppContext, text: str) -> list[tuple[str, float]]:
     pairs = []
     for line in (text or "").splitlines():
         if line.strip():
-            path, strength = parse_lora_arg(line.strip())
-            pairs.append((str(ctx.policy.readable(path, "LoRA file")), strength))
+            arg = parse_lora_arg(line.strip())
+            pairs.append((str(ctx.policy.readable(arg.ref, "LoRA file")), arg.strength))
     if not pairs:
         raise gr.Error(f"no LoRAs given: {LORA_LINES_HINT}.")
     return pairs
@@ -33,7 +33,7 @@ def _model(ctx: AppContext, text: str, what: str) -> str:
 
 
 def build_export_tab(ctx: AppContext, mix_state: gr.State) -> None:
-    precisions = ["fp16", "bf16", "fp32"]   # checked by export_lora.parse_dtype
+    precisions = ["fp16", "bf16", "fp32"]   # checked by export.parse_dtype
     with gr.Accordion("Merged checkpoint: LoRAs fused into the base model", open=True):
         with gr.Row():
             ck_base = gr.Textbox("demo", label="Base model", scale=2)

@@ -13,7 +13,7 @@ by ``fileio.write_safetensors_streamed``. Peak memory is the libraries plus the 
 token embedding, ~150 MB in fp32 for SD 1.5), instead of the checkpoint plus a whole fp32 model as with loading
 through diffusers (bench/export.py measures both).
 
-The arithmetic is the same as ``export.merge_into_pipeline`` (``W0`` in fp32, plus ``coefficient * delta`` per
+The arithmetic is the same as ``checkpoint.merge_into_pipeline`` (``W0`` in fp32, plus ``coefficient * delta`` per
 LoRA, cast once), so the merged tensors are bit-identical to the in-memory export (a test checks it). What is
 copied: every tensor of the base file except the EMA copy of the UNet (``model_ema.*``, which loaders ignore and
 would stay unmerged); tensors keep their names, integer tensors their dtype.
@@ -32,13 +32,18 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import ExportError, InputFileError, StopRequested
-from .finite import all_finite
-from .family import Family
-from .fileio import TORCH_DTYPES, read_safetensors_header, read_safetensors_tensor, write_safetensors_streamed
-from .ldm import detect_family_from_ldm_keys, pipeline_to_ldm_state_dict
-from .ldm.locate import LdmLocation, ldm_location
-from .progress import ProgressCallback, StopFlag, report
+from ..configs import config_dir as shipped_config_dir
+from ..errors import ExportError, InputFileError, StopRequested
+from ..family import Family, family_of_pipeline
+from ..fileio import TORCH_DTYPES, read_safetensors_header, read_safetensors_tensor, write_safetensors_streamed
+from ..finite import all_finite
+from ..ldm import SD2_FULL_TEXT_LAYERS, detect_family_from_ldm_keys, pipeline_to_ldm_state_dict
+from ..ldm.locate import LdmLocation, ldm_location
+from ..ldm.text import OPENCLIP_LOGIT_SCALE
+from ..lora.math import module_delta
+from ..models import check_config_dir
+from ..progress import ProgressCallback, StopFlag, report
+from .plan import ExportResult, checkpoint_metadata, merge_records, mixer_on
 
 DROPPED_PREFIXES = ("model_ema.",)
 
@@ -115,7 +120,6 @@ def _targets(plan: dict, skeleton, family: Family) -> dict[str, list[tuple[int |
 
 def _merged(tensor: torch.Tensor, parts: list, key: str) -> torch.Tensor:
     """``tensor`` (as read) with the LoRA deltas added in fp32; DoRA deltas see the unmerged W0."""
-    from .lora.math import module_delta
 
     w0 = tensor.to(torch.float32)
     total = w0.clone()
@@ -146,11 +150,10 @@ def _layout(stored: dict[str, torch.dtype], shapes: dict[str, tuple], want: torc
 
 def _merge_plan(skeleton, family: Family, loras, base_meta: dict, out: Path, dtype_name: str, base_name: str):
     """The LoRAs matched on the skeleton: (layers changed, checkpoint key -> targets, records, file metadata)."""
-    from .export import _mixer_on, _records, checkpoint_metadata
 
-    mixer = _mixer_on(skeleton, loras)
+    mixer = mixer_on(skeleton, loras)
     plan = mixer.contributions()
-    records = _records(mixer)
+    records = merge_records(mixer)
     meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base_name)
     return len(plan), _targets(plan, skeleton, family), records, meta
 
@@ -176,17 +179,14 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
                              config_dir: Path | None, progress: ProgressCallback | None = None,
                              stop: StopFlag | None = None):
     """Fuse ``loras`` ((path, strength) pairs or a ``LoraMixer``) into the single-file checkpoint ``base`` and
-    write ``out`` tensor by tensor (see the module docstring). Returns an ``export.ExportResult``; raises
+    write ``out`` tensor by tensor (see the module docstring). Returns a ``plan.ExportResult``; raises
     ``NotStreamable`` (before writing anything) when the export needs the in-memory path."""
-    from .configs import config_dir as shipped_config_dir
-    from .export import ExportResult
-    from .models import _check_config_dir
 
     t0 = time.monotonic()
     report(progress, "load", 0, 1, str(base))
     header, base_meta = read_safetensors_header(base)
     family = detect_family_from_ldm_keys(header, str(base))
-    cfg = _check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
+    cfg = check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
     skeleton = skeleton_pipeline(cfg)
     _check_skeleton(header, skeleton, family, str(base), cfg)
     report(progress, "load", 1, 1, str(base))
@@ -245,7 +245,6 @@ def _folder_recipes(folder: Path, skeleton, family: Family) -> tuple[dict[str, t
     transposed text_projection); plus the small tensors the folder has no file entry for (CLIP position ids,
     OpenCLIP's logit scale), made as ``pipeline_to_ldm_state_dict`` makes them. Shapes are checked against the
     skeleton's state dict renamed by that same function."""
-    from .ldm.text import OPENCLIP_LOGIT_SCALE
 
     expected = pipeline_to_ldm_state_dict(skeleton, family, pad_sd2_text_encoder=False)
     vae_up = len(skeleton.vae.decoder.up_blocks)
@@ -313,9 +312,6 @@ def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.
     single-file layout tensor by tensor (what ``pipeline_to_ldm_state_dict`` does to a loaded pipeline) and merged
     on the way. SD 2's cut-down text encoder (which the layout pads with an identity block) and folders in other
     shapes raise ``NotStreamable``."""
-    from .export import ExportResult
-    from .family import family_of_pipeline
-    from .ldm import SD2_FULL_TEXT_LAYERS
 
     t0 = time.monotonic()
     report(progress, "load", 0, 1, str(folder))

@@ -1,0 +1,73 @@
+"""The one reader of the LoRA arguments users type: ``FILE[:STRENGTH[:TE_STRENGTH]]`` (CLI ``--lora``, the export
+tab's lines, preset strings) and block weights (``down=1, mid=0.5, up.1=0``; the CLI's ``NAME:KEY=W,...``)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import ConfigError
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+class LoraArg(NamedTuple):
+    """A LoRA as typed: a file (or a name to look up), its strength, and its text-encoder strength (None: the
+    text encoder follows ``strength``)."""
+
+    ref: str
+    strength: float = 1.0
+    te_strength: float | None = None
+
+
+def parse_lora_arg(text: str) -> LoraArg:
+    """``"a.safetensors:0.8"`` -> ("a.safetensors", 0.8, None); ``"a:0.8:0.5"`` -> te 0.5. A path may hold
+    colons (``C:\\x.safetensors``): only trailing numbers are strengths, and a trailing word that is no path
+    (``a.safetensors:abc``, ``:nan``) is a strength that is not a number."""
+    text = text.strip()
+    m = re.fullmatch(rf"(.+?)(?::({_NUM}))?(?::({_NUM}))?", text)
+    if not m or not m.group(1):
+        raise ConfigError(f"--lora {text!r}: write FILE, FILE:STRENGTH or FILE:STRENGTH:TE_STRENGTH.")
+    ref, s, te = m.group(1), m.group(2), m.group(3)
+    head, sep, tail = ref.rpartition(":")
+    if sep and head and not Path(ref).exists() and not re.search(r"[\\/]", tail):
+        raise ConfigError(f"--lora {text!r}: the strength {tail!r} is not a number. "
+                          "Write FILE:STRENGTH with a finite number, e.g. a.safetensors:0.8 or a.safetensors:-0.5.")
+    return LoraArg(ref, float(s) if s is not None else 1.0, float(te) if te is not None else None)
+
+
+def parse_block_weights(text: str) -> dict[str, float]:
+    """``"down=1, mid=0.5, up.1=0"`` -> ``{"down": 1.0, "mid": 0.5, "up.1": 0.0}``; empty text -> ``{}``.
+    The keys are checked by ``LoraMixer`` when the weights are set."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in (text or "").replace(";", ",").split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"block weight {part!r} should look like NAME=NUMBER, e.g. 'down=1, mid=0.5, "
+                              "up.1=0'.") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"block weight {part!r} is not a finite number.")
+        out[key.strip()] = number
+    return out
+
+
+def parse_blocks_arg(text: str) -> tuple[str, dict[str, float]]:
+    """``"stripes:down=0,up=0.5"`` -> ("stripes", {"down": 0.0, "up": 0.5}) (the CLI's ``--blocks``)."""
+    name, sep, rest = text.rpartition(":")
+    if not sep or not name:
+        raise ConfigError(f"--blocks {text!r} names no LoRA: write NAME:KEY=WEIGHT,..., e.g. stripes:down=0,up=1.")
+    try:
+        weights = parse_block_weights(rest)
+    except ConfigError:
+        raise ConfigError(f"--blocks {text!r}: write NAME:KEY=WEIGHT,KEY=WEIGHT, e.g. stripes:down=0,up=1.") from None
+    if not weights:
+        raise ConfigError(f"--blocks {text!r}: write NAME:KEY=WEIGHT,KEY=WEIGHT, e.g. stripes:down=0,up=1.")
+    return name, weights

@@ -73,7 +73,7 @@ def lora_reads(monkeypatch) -> dict[str, int]:
     """Counts every LoRA file read: calls of the reader and of the safetensors loader under it (``["n"]``)."""
     import lora_studio.fileio as fileio
     import lora_studio.lora.formats as formats
-    import lora_studio.mix as mix
+    import lora_studio.mix.mixer as mix
 
     calls = {"n": 0}
     real_read, real_load = formats.read_lora, fileio.load_file

@@ -81,7 +81,7 @@ def test_rank_larger_than_the_layer_is_refused_before_training(tmp_path, demo_da
 
 
 def test_bad_mix_presets(tmp_path):
-    from lora_studio.mix_preset import load_mix_preset
+    from lora_studio.mix.presets import load_mix_preset
 
     latin = tmp_path / "latin.json"
     latin.write_bytes('{"loras": [], "prompt": "caf\xe9"}'.encode("cp1252"))

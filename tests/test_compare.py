@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lora_factories import demo_or_random_pipeline, write_kohya_lora
-from lora_studio.compare import Axis, comparison_grid, parse_axis, xy_grid
+from lora_studio.mix.compare import Axis, comparison_grid, parse_axis, xy_grid
 from lora_studio.errors import ConfigError
 from lora_studio.render import GenParams, parse_infotext, read_png_parameters, render
 

@@ -265,7 +265,7 @@ def test_remove_returns_its_modules_to_w0_and_names_are_unique(tmp_path, pipe):
 
 
 def test_apply_recomputes_only_weights_whose_terms_changed(tmp_path, pipe, monkeypatch):
-    import lora_studio.mix as mix
+    import lora_studio.mix.mixer as mix
 
     calls = []  # one name per delta computed, by either path (one low-rank product, or module_delta)
     real, real_factors = mix.module_delta, LoraMixer._factors
@@ -407,7 +407,7 @@ def test_low_rank_fast_path_matches_the_exact_merge_in_every_weight_dtype(tmp_pa
 
 def test_layers_the_fast_path_cannot_take_still_merge(tmp_path, pipe, monkeypatch):
     """LoKr modules (not one product) go through module_delta; plain LoRA modules do not."""
-    import lora_studio.mix as mix
+    import lora_studio.mix.mixer as mix
 
     used = []
     real = mix.module_delta
@@ -424,7 +424,7 @@ def test_layers_the_fast_path_cannot_take_still_merge(tmp_path, pipe, monkeypatc
 def test_originals_stay_on_a_gpu_only_with_room_to_spare(monkeypatch):
     """W0 stays on a CUDA device (no copy to the host and back on each apply) only while a second copy of the
     touched weights leaves the rendering reserve free; PyTorch's cached-but-unused memory counts as free."""
-    from lora_studio import mix_originals as mix
+    from lora_studio.mix import originals as mix
 
     gib = 2**30
     state = {"free": 30 * gib, "total": 80 * gib, "reserved": 0, "allocated": 0}
@@ -448,7 +448,7 @@ def test_originals_stay_on_a_gpu_only_with_room_to_spare(monkeypatch):
 
 
 def test_the_keep_originals_option_decides_per_device_and_the_cpu_keeps_in_place(monkeypatch):
-    from lora_studio import mix_originals
+    from lora_studio.mix import originals as mix_originals
 
     params = [torch.nn.Parameter(torch.zeros(4, 4)) for _ in range(2)]
     monkeypatch.setattr(mix_originals, "originals_fit_on_device", lambda dev, n: pytest.fail("asked about the CPU"))
@@ -464,7 +464,7 @@ def test_the_keep_originals_option_decides_per_device_and_the_cpu_keeps_in_place
 
 
 def test_the_mixer_passes_its_keep_originals_option_on(pipe, tmp_path, monkeypatch):
-    from lora_studio import mix
+    from lora_studio.mix import mixer as mix
 
     path = write_kohya_lora(tmp_path / "a.safetensors", pipe, rank=2)
     seen = []

@@ -10,9 +10,9 @@ from PIL import Image
 
 from lora_factories import demo_or_random_pipeline, write_kohya_lora
 from lora_studio.cli.main import main
-from lora_studio.lora_args import parse_blocks_arg, parse_lora_arg
+from lora_studio.mix.args import parse_blocks_arg, parse_lora_arg
 from lora_studio.errors import ConfigError
-from lora_studio.mix_preset import (PRESETS_DIR, MixPreset, PresetLora, add_preset_loras, load_mix_preset,
+from lora_studio.mix.presets import (PRESETS_DIR, MixPreset, PresetLora, add_preset_loras, load_mix_preset,
                                     preset_from_dict, save_mix_preset)
 from lora_studio.render import lora_hash, parse_infotext, read_png_parameters
 

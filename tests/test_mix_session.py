@@ -10,8 +10,8 @@ from PIL import Image
 from lora_factories import demo_or_random_pipeline, write_kohya_lora
 from lora_studio.errors import ConfigError
 from lora_studio.mix import LoraMixer
-from lora_studio.lora_args import parse_block_weights
-from lora_studio.mix_session import MixSession, SlotSpec
+from lora_studio.mix.args import parse_block_weights
+from lora_studio.mix.session import MixSession, SlotSpec
 from lora_studio.render import GenParams, render
 
 

@@ -69,7 +69,7 @@ def test_resolve_requests_against_a_folder(tmp_path):
 
 def test_add_prompt_loras_reads_each_file_once(tmp_path, monkeypatch):
     from lora_factories import demo_or_random_pipeline, write_kohya_lora
-    import lora_studio.mix as mix
+    import lora_studio.mix.mixer as mix
     from lora_studio.mix import LoraMixer
     from lora_studio.prompt import add_prompt_loras
 

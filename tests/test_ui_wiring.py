@@ -90,7 +90,7 @@ def test_reload_reattaches_to_the_job(running, trained):
 def test_mix_render_and_reweight_without_reloading(running, trained, monkeypatch):
     app, client, base, _ = running
     # the server runs in this process: count the real model loads and LoRA file reads behind the page's counters
-    import lora_studio.mix as mix
+    import lora_studio.mix.mixer as mix
     import lora_studio.models as models
 
     calls = {"load": 0, "read": 0}

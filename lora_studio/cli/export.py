@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..export import export_merged_checkpoint, merge_loras
-from ..lora_args import parse_lora_arg
+from ..mix.args import parse_lora_arg
 from ..progress import text_progress
 from .resize import add_rank_args, rank_rule
 

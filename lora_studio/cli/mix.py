@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import models
 from ..errors import ConfigError, InputFileError
-from ..lora_args import parse_blocks_arg, parse_lora_arg
+from ..mix.args import parse_blocks_arg, parse_lora_arg
 from ..library import LORA_SUFFIXES, PICKLE_SUFFIXES, resolve
 from ..progress import text_progress
 
@@ -95,9 +95,9 @@ def _next_image_path(out: Path, seed: int) -> Path:
 
 
 def run(args) -> int:
-    from ..compare import comparison_grid, mixer_hashes, parse_axis, xy_grid
+    from ..mix.compare import comparison_grid, mixer_hashes, parse_axis, xy_grid
     from ..mix import LoraMixer
-    from ..mix_preset import MixPreset, add_preset_loras, load_mix_preset, preset_from_mixer, save_mix_preset
+    from ..mix.presets import MixPreset, add_preset_loras, load_mix_preset, preset_from_mixer, save_mix_preset
     from ..prompt import parse_prompt, resolve_requests
     from ..render import render, save_png
 

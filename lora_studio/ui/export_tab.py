@@ -7,9 +7,9 @@ from __future__ import annotations
 import gradio as gr
 
 from ..export import FORMATS, export_merged_checkpoint, extract_lora, merge_loras, resize_lora
-from ..lora_args import parse_lora_arg
+from ..mix.args import parse_lora_arg
 from ..lora.rank import METHODS
-from ..mix_session import MixSession
+from ..mix.session import MixSession
 from ..spectrum import plot_spectrum
 from .state import AppContext, progress_adapter, user_errors
 

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError, InputFileError
-from .fileio import write_text_atomic
-from .preset_files import PRESETS_DIR
-from .render import GenParams
+from ..errors import ConfigError, InputFileError
+from ..fileio import write_text_atomic
+from ..preset_files import PRESETS_DIR
+from ..render import GenParams
 
 
 
@@ -158,7 +158,7 @@ def save_mix_preset(preset: MixPreset, path: str | os.PathLike) -> Path:
 def preset_from_mixer(mixer, params: GenParams, base: str = "demo", lora_dir: str | None = None) -> MixPreset:
     """The mixer's current LoRAs and strengths with ``params``, ready to save. The prompt is saved without
     its ``<lora:...>`` tags: those LoRAs are in the mix, hence in ``loras``, already."""
-    from .prompt import strip_lora_tags
+    from ..prompt import strip_lora_tags
 
     loras = [PresetLora(str(e.path), e.strength, e.te_strength, dict(e.block_weights),
                         None if e.path is not None and Path(e.path).stem == e.name else e.name)
@@ -169,7 +169,7 @@ def preset_from_mixer(mixer, params: GenParams, base: str = "demo", lora_dir: st
 
 def resolve_lora_file(file: str, preset_dir: Path | None, lora_dir: str | os.PathLike | None) -> Path:
     """Find a preset entry's file (see the module docstring for the order)."""
-    from .library import resolve
+    from ..library import resolve
 
     p = Path(file).expanduser()
     if p.is_absolute():

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .compare import ComparisonResult, comparison_grid, parse_axis, xy_grid
-from .errors import ConfigError
-from .models import load_base
-from .progress import ProgressCallback, StopFlag
-from .render import GenParams
+from ..errors import ConfigError
+from ..models import load_base
+from ..progress import ProgressCallback, StopFlag
+from ..render import GenParams
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MixSession:
 
     def use_base(self, base: str):
         """The pipeline for ``base``, loaded only when the base differs from the one in memory."""
-        from .mix import LoraMixer
+        from .mixer import LoraMixer
 
         base = (base or "demo").strip()
         with self._lock:

@@ -11,7 +11,7 @@ mix (averaging up and down factors separately would add cross terms). Calling ``
 ``set_strength`` re-weights from the kept factors and the kept originals: no file is read and nothing drifts.
 ``restore()`` copies the original tensors back, so the base weights are bit-identical afterwards.
 
-Where W0 is kept (on the weight's device when there is room, else in CPU memory) is ``mix_originals``.
+Where W0 is kept (on the weight's device when there is room, else in CPU memory) is ``originals``.
 
 Written by hand rather than through diffusers' ``set_adapters``/``fuse_lora`` because those reject LoHa/LoKr
 and cannot weight blocks of a kohya LoRA; a test checks this module against diffusers' own fuse for LoRA.
@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ExportError, LoraFormatError
-from .family import Family, family_of_pipeline, require_same_family
-from .lora.formats import LoraFile, LoraModule, read_lora
-from .lora.keys import UnetLayout, diffusers_unet_to_ldm, match_modules, pipeline_components, unet_block_of
-from .lora.math import module_delta
-from .mix_originals import keep_in_place, keep_original, put_back
+from ..errors import ConfigError, ExportError, LoraFormatError
+from ..family import Family, family_of_pipeline, require_same_family
+from ..lora.formats import LoraFile, LoraModule, read_lora
+from ..lora.keys import UnetLayout, diffusers_unet_to_ldm, match_modules, pipeline_components, unet_block_of
+from ..lora.math import module_delta
+from .originals import keep_in_place, keep_original, put_back
 
 BLOCK_GROUPS = ("down", "mid", "up", "other")
 # The LoRA Block Weight extension's value lists, by length: which layer each value weighs.
@@ -94,7 +94,7 @@ class LoraMixer:
 
     def __init__(self, pipe, keep_originals_on_device: bool | None = None):
         """``keep_originals_on_device``: keep W0 of the touched weights on the GPU (True), in CPU memory (False),
-        or decide by the free memory at each first apply (None; see ``mix_originals``)."""
+        or decide by the free memory at each first apply (None; see ``originals``)."""
         self.pipe = pipe
         self.keep_originals_on_device = keep_originals_on_device
         self.components = pipeline_components(pipe)

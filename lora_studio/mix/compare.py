@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, StopRequested
-from .grid import labelled_grid
-from .progress import ProgressCallback, StopFlag, report
-from .render import (GenParams, canonical_sampler, hashes_field, infotext, lora_hash, record, render,
+from ..errors import ConfigError, StopRequested
+from ..grid import labelled_grid
+from ..progress import ProgressCallback, StopFlag, report
+from ..render import (GenParams, canonical_sampler, hashes_field, infotext, lora_hash, record, render,
                      save_image_with_parameters, save_png)
 
 Strengths = dict[str, tuple[float, float]]   # entry name -> (unet strength, text-encoder strength)
@@ -79,7 +79,7 @@ class _MixState:
 def _entry_names(mixer, loras: Sequence[Sequence], lora_dir: str | Path | None) -> list[tuple[str, float, float]]:
     """Map ``(path_or_name, strength[, te_strength])`` to mixer entries, adding files not yet in the mixer
     (each file is read once, here)."""
-    from .library import resolve
+    from ..library import resolve
 
     out = []
     for item in loras:

@@ -79,15 +79,20 @@ def test_comparison_grid_tiles_base_each_lora_and_mix(pipe, two_loras, tmp_path,
 
 
 def test_comparison_grid_adds_files_by_path_or_folder_name(pipe, two_loras, tmp_path):
+    """Files are found by path, or by name in a LoRA folder, before they reach the mixer (``mix.args``); the
+    comparison row is built from the mixer's entries."""
     from lora_studio.mix import LoraMixer
+    from lora_studio.mix.args import find_lora_arg
 
     mixer = LoraMixer(pipe)
-    res = comparison_grid(pipe, mixer, PARAMS, [(str(two_loras[0]), 1.0), ("beta_style", 0.5)], tmp_path / "o",
-                          lora_dir=two_loras[0].parent)
+    folder = str(two_loras[0].parent)
+    for ref, strength in [(str(two_loras[0]), 1.0), ("beta_style", 0.5)]:
+        mixer.add(find_lora_arg(ref, folder), strength=strength)
+    res = comparison_grid(pipe, mixer, PARAMS, [(e.name, e.strength) for e in mixer.entries], tmp_path / "o")
     assert [e.name for e in mixer.entries] == ["alpha_style", "beta_style"]
     assert res.labels == ["base", "alpha_style 1", "beta_style 0.5", "mix"]
     with pytest.raises(Exception, match="no LoRA named 'gamma'"):
-        comparison_grid(pipe, mixer, PARAMS, [("gamma", 1.0)], tmp_path / "o", lora_dir=two_loras[0].parent)
+        find_lora_arg("gamma", folder)
 
 
 def test_xy_grid_strength_by_lora_reweights_without_reading(pipe, two_loras, tmp_path, lora_reads):

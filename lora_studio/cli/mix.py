@@ -15,9 +15,8 @@ import re
 from pathlib import Path
 
 from .. import models
-from ..errors import ConfigError, InputFileError
-from ..mix.args import parse_blocks_arg, parse_lora_arg
-from ..library import LORA_SUFFIXES, PICKLE_SUFFIXES, resolve
+from ..errors import ConfigError
+from ..mix.args import find_lora_arg, parse_blocks_arg, parse_lora_arg
 from ..progress import text_progress
 
 DESCRIPTION = """Apply LoRAs at strengths to a base model, render, and compare.
@@ -63,22 +62,6 @@ def register(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow a .ckpt base model (unpickling runs code)")
     p.add_argument("--out", default="outputs/mix", help="output folder (default outputs/mix)")
     p.set_defaults(func=run)
-
-
-def find_lora_arg(ref: str, lora_dir: str | None) -> Path:
-    """The file a ``--lora`` reference names: an existing file, else a name looked up in ``lora_dir``."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path
-    if path.exists():
-        raise InputFileError(f"--lora {ref}: {path} is a folder, not a LoRA file. Name a .safetensors file, "
-                             "or pass the folder as --lora-dir and the LoRA by name.")
-    if path.suffix.lower() in (*LORA_SUFFIXES, *PICKLE_SUFFIXES) or len(path.parts) > 1:
-        raise InputFileError(f"--lora {ref}: no such file: {path.resolve()}. Check the path.")
-    if lora_dir is None:
-        raise InputFileError(f"--lora {ref}: there is no file {path.resolve()}, and no --lora-dir to look the name "
-                             "up in. Give the file's path, or pass --lora-dir FOLDER.")
-    return resolve(ref, lora_dir)
 
 
 def load_base(source: str, allow_pickle: bool = False):

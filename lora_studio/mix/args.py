@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputFileError
+from ..library import LORA_SUFFIXES, PICKLE_SUFFIXES, resolve
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
@@ -71,3 +72,19 @@ def parse_blocks_arg(text: str) -> tuple[str, dict[str, float]]:
     if not weights:
         raise ConfigError(f"--blocks {text!r}: write NAME:KEY=WEIGHT,KEY=WEIGHT, e.g. stripes:down=0,up=1.")
     return name, weights
+
+
+def find_lora_arg(ref: str, lora_dir: str | None) -> Path:
+    """The file a ``--lora`` reference names: an existing file, else a name looked up in ``lora_dir``."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise InputFileError(f"--lora {ref}: {path} is a folder, not a LoRA file. Name a .safetensors file, "
+                             "or pass the folder as --lora-dir and the LoRA by name.")
+    if path.suffix.lower() in (*LORA_SUFFIXES, *PICKLE_SUFFIXES) or len(path.parts) > 1:
+        raise InputFileError(f"--lora {ref}: no such file: {path.resolve()}. Check the path.")
+    if lora_dir is None:
+        raise InputFileError(f"--lora {ref}: there is no file {path.resolve()}, and no --lora-dir to look the name "
+                             "up in. Give the file's path, or pass --lora-dir FOLDER.")
+    return resolve(ref, lora_dir)

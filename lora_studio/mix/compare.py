@@ -2,8 +2,8 @@
 
 Every cell uses the same prompt and seed unless an axis changes them. Between cells only strengths change,
 through ``LoraMixer.set_strength`` + ``apply`` on weights already in memory: no LoRA file is read again and
-the model is never reloaded. The base weights are restored at the end (also on error or stop), and every
-entry's strengths are put back as they were.
+the model is never reloaded. The base weights are restored at the end (also on error or stop); the entries'
+own strengths (the user's) are never changed: cells render through ``LoraMixer.apply(strengths)``.
 """
 
 from __future__ import annotations
@@ -39,65 +39,44 @@ def _fmt(x: float) -> str:
 
 
 class _MixState:
-    """Remembers the mixer's strengths, sets cell strengths (applying only when they change) and puts
-    everything back on exit."""
+    """Renders cells at their own strengths through ``LoraMixer.apply(strengths)`` (the entries' strengths, the
+    user's, are never changed), applying only when the strengths change, and restores W0 on exit."""
 
     def __init__(self, mixer) -> None:
         self.mixer = mixer
-        self.saved = {e.name: (e.strength, e.te_strength) for e in mixer.entries}
-        self.stored = self.effective()          # the strengths the mixer holds
         self.applied: Strengths | None = None   # the strengths the pipeline weights show
 
     def effective(self) -> Strengths:
-        return {n: (s, s if t is None else t) for n, (s, t) in self.saved.items()}
+        """Every entry's own (unet, te) strengths."""
+        return {e.name: (e.strength, e.effective_te_strength) for e in self.mixer.entries}
 
     def set(self, strengths: Strengths) -> None:
         """Make the pipeline weights W0 + sum of strengths * deltas; all-zero means the exact base weights."""
         if strengths == self.applied:
             return
-        for name, (unet, te) in strengths.items():
-            if self.stored.get(name) != (unet, te):
-                self.mixer.set_strength(name, unet=unet, te=te)
-                self.stored[name] = (unet, te)
         if all(u == 0 and t == 0 for u, t in strengths.values()):
             self.mixer.restore()
         else:
-            self.mixer.apply()
+            self.mixer.apply(strengths)
         self.applied = dict(strengths)
 
     def __enter__(self) -> "_MixState":
         return self
 
     def __exit__(self, *exc) -> None:
-        for entry in self.mixer.entries:
-            if entry.name in self.saved:
-                unet, te = self.saved[entry.name]
-                self.mixer.set_strength(entry.name, unet=unet, te=te, te_follows_unet=te is None)
         self.mixer.restore()
 
 
-def _entry_names(mixer, loras: Sequence[Sequence], lora_dir: str | Path | None) -> list[tuple[str, float, float]]:
-    """Map ``(path_or_name, strength[, te_strength])`` to mixer entries, adding files not yet in the mixer
-    (each file is read once, here)."""
-    from ..library import resolve
-
+def _entry_names(mixer, loras: Sequence[Sequence]) -> list[tuple[str, float, float]]:
+    """``(entry name, strength[, te_strength])`` of LoRAs already in the mixer, checked; files are never read
+    here (the session, or the caller, put them in the mixer)."""
+    known = {e.name for e in mixer.entries}
     out = []
     for item in loras:
-        ref, strength = str(item[0]), float(item[1])
+        name, strength = str(item[0]), float(item[1])
         te = float(item[2]) if len(item) > 2 and item[2] is not None else strength
-        by_name = {e.name: e for e in mixer.entries}
-        by_path = {str(Path(e.path).resolve()): e for e in mixer.entries if getattr(e, "path", None)}
-        if ref in by_name:
-            name = ref
-        else:
-            path = Path(ref)
-            if not path.is_file():
-                if lora_dir is None:
-                    raise ConfigError(f"LoRA {ref!r} is neither a file nor a LoRA already in the mix. "
-                                      "Give its path, or a LoRA folder to look it up in.")
-                path = resolve(ref, lora_dir)
-            hit = by_path.get(str(path.resolve()))
-            name = hit.name if hit is not None else mixer.add(str(path), strength=strength, te_strength=te)
+        if name not in known:
+            raise ConfigError(f"LoRA {name!r} is not in the mix; the mix holds: {', '.join(sorted(known)) or 'nothing'}.")
         out.append((name, strength, te))
     return out
 
@@ -113,19 +92,19 @@ def mixer_hashes(mixer) -> dict[str, str]:
 
 
 def comparison_grid(pipe, mixer, params: GenParams, loras: Sequence[Sequence], out_dir: str | Path, *,
-                    lora_dir: str | Path | None = None, scale: int = 2, prefix: str = "compare",
+                    scale: int = 2, prefix: str = "compare",
                     lora_hashes: dict[str, str] | None = None,
                     progress: ProgressCallback | None = None, stop: StopFlag | None = None) -> ComparisonResult:
     """One row, same prompt and seed: the base model alone, each LoRA alone at its strength, then all of them
     together. Every tile is saved as a PNG with its parameters; the grid PNG carries the mix's parameters.
     ``lora_hashes`` (see ``mixer_hashes``) adds A1111's "Lora hashes" field."""
     out_dir = Path(out_dir)
-    picked = _entry_names(mixer, loras, lora_dir)
+    picked = _entry_names(mixer, loras)
     if not picked:
         raise ConfigError("a comparison needs at least one LoRA. Add one with --lora FILE:STRENGTH.")
     params = params.check()
     with _MixState(mixer) as state:
-        zero = {n: (0.0, 0.0) for n in state.saved}
+        zero = {e.name: (0.0, 0.0) for e in mixer.entries}
         cells: list[tuple[str, Strengths, list]] = [("base", zero, [])]
         for name, s, t in picked:
             cells.append((f"{name} {_fmt(s)}", {**zero, name: (s, t)}, [(name, s, t)]))

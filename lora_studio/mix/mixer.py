@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -200,28 +201,34 @@ class LoraMixer:
         return {k: float(v) for k, v in blocks.items()}
 
     # ------------------------------------------------------------------ weights
-    def coefficient(self, entry: MixEntry, component: str, module_name: str) -> float:
-        """The factor this entry's delta gets on one module: strength x block weight, or the TE strength."""
+    def coefficient(self, entry: MixEntry, component: str, module_name: str,
+                    strengths: tuple[float, float] | None = None) -> float:
+        """The factor this entry's delta gets on one module: strength x block weight, or the TE strength.
+        ``strengths`` (unet, te) stand in for the entry's own, as a comparison cell asks."""
+        unet, te = strengths if strengths is not None else (entry.strength, entry.effective_te_strength)
         bw = entry.block_weights
         if component != "unet":
-            return entry.effective_te_strength * bw.get("BASE", 1.0)
+            return te * bw.get("BASE", 1.0)
         group, idx = unet_block_of(module_name)
         weight = bw.get(f"{group}.{idx}", bw.get(group, 1.0)) if idx is not None else bw.get(group, 1.0)
         layer = self._lbw.get(module_name)
         if layer is not None and layer in bw:
             weight = bw[layer]
-        return entry.strength * weight
+        return unet * weight
 
     def _weight(self, key: tuple[str, str]) -> torch.Tensor:
         comp, mname = key
         return self.components[comp].get_submodule(mname).weight
 
-    def contributions(self) -> dict[tuple[str, str], list[tuple[float, LoraModule]]]:
-        """For each touched (component, module): the (coefficient, module) pairs of the current mix."""
+    def contributions(self, strengths: Mapping[str, tuple[float, float]] | None = None
+                      ) -> dict[tuple[str, str], list[tuple[float, LoraModule]]]:
+        """For each touched (component, module): the (coefficient, module) pairs of the current mix, or of the
+        mix at ``strengths`` (entry name -> (unet, te); entries not named keep their own)."""
         out: dict[tuple[str, str], list[tuple[float, LoraModule]]] = {}
         for e in self._entries.values():
+            these = strengths.get(e.name) if strengths is not None else None
             for kname, key in e.targets.items():
-                out.setdefault(key, []).append((self.coefficient(e, *key), e.lora.modules[kname]))
+                out.setdefault(key, []).append((self.coefficient(e, *key, these), e.lora.modules[kname]))
         return out
 
     def _factors(self, mod: LoraModule, device: torch.device, dtype: torch.dtype):
@@ -282,13 +289,15 @@ class LoraMixer:
         return True
 
     @torch.no_grad()
-    def apply(self) -> None:
+    def apply(self, strengths: Mapping[str, tuple[float, float]] | None = None) -> None:
         """Write ``W0 + sum s_i b_i dW_i`` into every touched weight (and W0 back into weights no longer touched).
 
+        ``strengths`` (entry name -> (unet, te)) renders the mix at other strengths without changing the
+        entries' own (what a comparison cell does); the strengths stay the user's, set by ``set_strength``.
         Only weights whose terms changed since the last ``apply()`` are recomputed, so moving one LoRA's
         text-encoder strength or one block weight costs only those layers. The weights are assumed to be
         changed by nobody else in between (``restore()`` first if they were)."""
-        contribs = self.contributions()
+        contribs = self.contributions(strengths)
         fresh = {key: self._weight(key) for key in contribs if key not in self._originals}
         in_place = keep_in_place(list(fresh.values()), self.keep_originals_on_device)
         for key, param in fresh.items():

@@ -420,6 +420,11 @@ CONFIG_CASES: dict[str, tuple[dict, tuple[tuple[str, ...], ...]]] = {
     "negative_lr": ({"learning_rate": -1e-4}, (("learning_rate",), ("greater than 0",))),
     "nan_lr": ({"learning_rate": float("nan")}, (("learning_rate",), ("greater than 0",))),
     "not_an_object": ([1, 2, 3], (("json object",),)),
+    "output_name_escapes": ({"output_name": "../../evil"}, (("output_name",), ("'../../evil'",), ("plain name",))),
+    "output_name_backslash": ({"output_name": "..\\evil"}, (("output_name",), ("plain name",))),
+    "run_name_hidden": ({"run_name": ".."}, (("run_name",), ("plain name",), ("dot",))),
+    "output_name_device": ({"output_name": "NUL"}, (("output_name",), ("device",))),
+    "output_name_too_long": ({"output_name": "x" * 200}, (("output_name",), ("200 bytes",))),
 }
 
 

@@ -251,8 +251,8 @@ class BucketBatches:
         for i, it in enumerate(self.items):
             members[it.bucket].append(i)
         # per bucket (sorted): its item indices and their cumulative repeats
-        self._by_bucket = {b: (torch.tensor(members[b]), torch.tensor([self.items[i].repeats for i in members[b]]).cumsum(0))
-                           for b in sorted(members)}
+        self._by_bucket = {b: (torch.tensor(idx), torch.tensor([self.items[i].repeats for i in idx]).cumsum(0))
+                           for b, idx in sorted(members.items())}
         self.batches_per_epoch = sum(-(-c // batch_size) for c in self.bucket_counts.values())
         self._cache: tuple[int, list[torch.Tensor], torch.Tensor] | None = None
 

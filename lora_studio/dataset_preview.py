@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from PIL import Image
+
 from .errors import DatasetError
+from .names import as_text
 from .train.config import TrainConfig
 from .train.dataset import BucketBatches, ImageItem, scan_images
-from .train.images import IMAGE_SUFFIXES
+from .train.images import IMAGE_SUFFIXES, load_image
 
 CAPTION_SUFFIXES = (".txt", ".caption")
 
@@ -29,8 +32,22 @@ class DatasetPreview:
     def text(self) -> str:
         buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in self.buckets.items())
         concepts = ", ".join(f"{k} ({n} images)" for k, n in self.concepts.items())
-        return (f"{len(self.items)} images in {self.folder} ({concepts}); {self.images_per_epoch} per epoch with "
-                f"repeats. Buckets: {buckets}.")
+        return (f"{len(self.items)} images in {as_text(str(self.folder))} ({concepts}); {self.images_per_epoch} per "
+                f"epoch with repeats. Buckets: {buckets}.")
+
+    def gallery(self, limit: int = 64) -> list[tuple[str | Image.Image, str]]:
+        """(picture, caption) of the first ``limit`` items for a gallery: the file's path, or a small copy of the
+        picture when its name is not valid UTF-8 (a web page cannot carry that name)."""
+        out: list[tuple[str | Image.Image, str]] = []
+        for it in self.items[:limit]:
+            path = str(it.path)
+            if as_text(path) != path:
+                img = load_image(it.path)
+                img.thumbnail((256, 256))
+                out.append((img, it.caption))
+            else:
+                out.append((path, it.caption))
+        return out
 
 
 def preview_dataset(folder: str | Path, config: TrainConfig | None = None) -> DatasetPreview:

@@ -409,6 +409,95 @@ def caption_utf16(path: Path) -> Path:
     return path
 
 
+def caption_utf16_be_no_bom(path: Path) -> Path:
+    """UTF-16 without a byte-order mark, high byte first (before the fix: text full of NULs)."""
+    path.write_bytes("café crème, naïve\r\n".encode("utf-16-be"))
+    return path
+
+
+def caption_utf16_le_no_bom(path: Path) -> Path:
+    path.write_bytes("café crème, naïve\r\n".encode("utf-16-le"))
+    return path
+
+
+def caption_control_chars(path: Path) -> Path:
+    """NUL, escape, bell, DEL, a vertical tab between lines and a tab inside a line."""
+    path.write_bytes(b"red\x00 circle,\tstriped\x0b\x1bblue\x07 square\x7f\n")
+    return path
+
+
+def caption_huge(path: Path) -> Path:
+    """A 1 MB caption of 100,000 distinct tags (before the fix: all of it copied into ss_tag_frequency)."""
+    path.write_text(", ".join(f"tag{i:05d}" for i in range(100_000)) + "\n", encoding="utf-8")
+    return path
+
+
+def caption_file_too_large(path: Path) -> Path:
+    """A 17 MB file (sparse: written in an instant) beside a picture: not a caption."""
+    with open(path, "wb") as fh:
+        fh.truncate(17 * 1024 * 1024)
+    return path
+
+
+# name -> (writer of a caption file, the caption training reads from it)
+CAPTION_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "cp1252": (caption_cp1252, "café crème, naïve résumé – “quoted”"),
+    "utf16_bom": (caption_utf16, "café crème, naïve"),
+    "utf16_be_no_bom": (caption_utf16_be_no_bom, "café crème, naïve"),
+    "utf16_le_no_bom": (caption_utf16_le_no_bom, "café crème, naïve"),
+    "control_chars": (caption_control_chars, "red circle, striped, blue square"),
+}
+
+
+def _picture(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path)
+    return path
+
+
+def latin1_file_name(folder: Path) -> Path:
+    """A picture named in Latin-1 bytes (b"caf\\xe9_cr\\xe8me.png"), as an old Windows tool or a zip file leaves
+    it; Python shows the name with surrogates. Returns the folder; skips where the file system refuses it."""
+    import os
+
+    import pytest
+
+    try:
+        _picture(Path(folder) / os.fsdecode(b"caf\xe9_cr\xe8me.png"))
+    except (OSError, UnicodeError) as err:
+        pytest.skip(f"this file system cannot hold a file name that is not UTF-8 ({err})")
+    return Path(folder)
+
+
+def absurd_repeats(folder: Path) -> Path:
+    """A kohya folder asking for 999,999,999 repeats (before the fix: hours of listing them, nothing printed)."""
+    _picture(Path(folder) / "999999999_x" / "a.png")
+    return Path(folder)
+
+
+def huge_epoch(folder: Path) -> Path:
+    """1,001 pictures in a folder at the repeat limit: 10,010,000 pictures an epoch (one small PNG copied)."""
+    data = _picture(Path(folder) / "10000_a" / "0000.png").read_bytes()
+    for i in range(1, 1001):
+        (Path(folder) / "10000_a" / f"{i:04d}.png").write_bytes(data)
+    return Path(folder)
+
+
+def too_large_caption_folder(folder: Path) -> Path:
+    caption_file_too_large(_picture(Path(folder) / "a.png").with_suffix(".txt"))
+    return Path(folder)
+
+
+# name -> (builder of a training folder, words of the DatasetError that scanning it must raise)
+FOLDER_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]] = {
+    "absurd_repeats": (absurd_repeats, (("999999999_x",), ("999,999,999 repeats",), ("limit of 10,000",))),
+    "huge_epoch": (huge_epoch, (("10,010,000 pictures",), ("limit of 10,000,000",), ("10000_a",))),
+    "caption_file_too_large": (too_large_caption_folder, (("a.txt",), ("17 MB",), ("too large to be a caption",))),
+}
+
+
 # --------------------------------------------------------------------------- configs and presets
 CONFIG_CASES: dict[str, tuple[dict, tuple[tuple[str, ...], ...]]] = {
     "unknown_key": ({"stepz": 10}, (("unknown key",), ("stepz",))),
@@ -420,6 +509,11 @@ CONFIG_CASES: dict[str, tuple[dict, tuple[tuple[str, ...], ...]]] = {
     "negative_lr": ({"learning_rate": -1e-4}, (("learning_rate",), ("greater than 0",))),
     "nan_lr": ({"learning_rate": float("nan")}, (("learning_rate",), ("greater than 0",))),
     "not_an_object": ([1, 2, 3], (("json object",),)),
+    "output_name_escapes": ({"output_name": "../../evil"}, (("output_name",), ("'../../evil'",), ("plain name",))),
+    "output_name_backslash": ({"output_name": "..\\evil"}, (("output_name",), ("plain name",))),
+    "run_name_hidden": ({"run_name": ".."}, (("run_name",), ("plain name",), ("dot",))),
+    "output_name_device": ({"output_name": "NUL"}, (("output_name",), ("device",))),
+    "output_name_too_long": ({"output_name": "x" * 200}, (("output_name",), ("200 bytes",))),
 }
 
 

@@ -62,6 +62,35 @@ def test_cli_reports_bad_settings_and_exits_2(tmp_path, capsys):
         assert all(w in err for w in words), err
 
 
+def test_output_name_outside_the_run_folder_is_refused_by_the_cli(tmp_path, capsys, demo_dataset):
+    """``--output-name ../../evil`` was written two folders above the run folder; now it is refused like a
+    ``--run-name`` with a slash, before anything loads or is written."""
+    out = tmp_path / "a" / "b"
+    for flag, name in (("--output-name", "../../evil"), ("--output-name", "sub/evil"), ("--run-name", "..")):
+        assert cli_main(["train", "--preset", "demo-cpu", "--data", str(demo_dataset), "--output-dir", str(out),
+                         "--steps", "1", flag, name]) == 2
+        err = capsys.readouterr().err
+        assert "must be a plain name" in err and repr(name) in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "..", ".hidden", "C:evil", "NUL", "tab\tname",
+                                  "x" * 151])
+def test_one_name_rule_for_config_and_gui(tmp_path, name):
+    """Run names, LoRA output names and the GUI's export names go through one rule (lora_studio.names)."""
+    from lora_studio.errors import InputFileError
+    from lora_studio.ui.paths import PathPolicy
+
+    for key in ("run_name", "output_name"):
+        with pytest.raises(ConfigError, match="must be a plain name"):
+            TrainConfig.from_dict({key: name})
+    with pytest.raises(InputFileError, match="must be a plain name"):
+        PathPolicy(tmp_path).output(name, "exports", ".safetensors")
+    for good in ("my style v2", "café-lora", "a..b"):
+        assert TrainConfig.from_dict({"output_name": good}).resolved_output_name() == good
+        assert PathPolicy(tmp_path).output(good, "exports").name == good
+
+
 def test_rank_larger_than_the_layer_is_refused_before_training(tmp_path, demo_dataset):
     """The demo UNet's attention layers are 32 and 64 wide: rank 48 cannot fit the 32-wide ones. The error comes
     before any step runs and leaves the pipeline as it was."""

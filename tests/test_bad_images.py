@@ -1,9 +1,11 @@
 """Training pictures and captions that real folders hold: truncated, CMYK, 16-bit, palette with transparency,
-EXIF-rotated, 1x1, huge (decompression-bomb limit), not an image at all, captions in cp1252 / UTF-16; folders
-that are empty or hold only bad files."""
+EXIF-rotated, 1x1, huge (decompression-bomb limit), not an image at all, a file name that is not UTF-8; captions
+in cp1252 / UTF-16 with and without a BOM, with control characters, 1 MB long, or a file too big to be one;
+folders that are empty, hold only bad files, or ask for absurd repeat counts."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 
 import bad_inputs as B
 from lora_studio.errors import DatasetError
-from lora_studio.train.dataset import BucketBatches, caption_for, read_caption_file, scan_images
+from lora_studio.train.dataset import BucketBatches, caption_for, read_caption_file, scan_images, tag_frequency
 from lora_studio.train.images import fit_to_bucket, load_image, to_tensor
 
 GOOD = ("cmyk_jpeg", "png16", "palette_transparent", "exif_rotated", "one_pixel")
@@ -101,14 +103,80 @@ def test_decompression_bomb_limit_is_respected(tmp_path, monkeypatch):
     B.assert_helpful(info.value, (("1 unreadable",),))
 
 
-@pytest.mark.parametrize("writer,expected", [(B.caption_cp1252, "café crème, naïve résumé – “quoted”"),
-                                             (B.caption_utf16, "café crème, naïve")])
-def test_captions_in_other_encodings(tmp_path, writer, expected):
+@pytest.mark.parametrize("case", B.CAPTION_CASES)
+def test_captions_in_other_encodings(tmp_path, case):
+    """BOMs, UTF-16 without a BOM (told by its NUL bytes), cp1252; control characters dropped."""
+    writer, expected = B.CAPTION_CASES[case]
     img = tmp_path / "pic.png"
     Image.new("RGB", (8, 8)).save(img)
     writer(img.with_suffix(".txt"))
-    assert read_caption_file(img.with_suffix(".txt")) == expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_caption_file(img.with_suffix(".txt")) == expected
     assert caption_for(img) == expected
+    # only a legacy 8-bit encoding is a guess worth a warning
+    assert [("not UTF-8" in str(w.message)) for w in caught] == ([True] if case == "cp1252" else [])
+
+
+@pytest.mark.parametrize("case", B.FOLDER_CASES)
+def test_bad_training_folders_are_named(tmp_path, case):
+    """Absurd repeat counts (refused at once, not after hours of listing repeats) and a caption file too big to
+    be one: a DatasetError naming the folder or file, the count and the limit."""
+    build, words = B.FOLDER_CASES[case]
+    with pytest.raises(DatasetError) as info:
+        scan_images(build(tmp_path))
+    B.assert_helpful(info.value, words)
+
+
+def test_huge_caption_is_cut_and_metadata_is_capped(tmp_path):
+    """A 1 MB caption trains on its first 10,000 characters (with a warning) and its tags do not flood the LoRA's
+    ss_tag_frequency; one huge tag is cut; the most frequent tags are the ones kept."""
+    from lora_studio.train import dataset as D
+
+    folder = tmp_path / "3_style"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    B.caption_huge(folder / "0.txt")
+    (folder / "1.txt").write_text("tag00001, " + "x" * 5000, encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = scan_images(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any("0.txt" in m and "characters long" in m for m in messages), messages
+    assert any("longer than 1,000 characters" in m for m in messages), messages
+    by_name = {it.path.name: it.caption for it in items}
+    assert len(by_name["0.png"]) <= D.MAX_CAPTION_CHARS and by_name["0.png"].startswith("tag00000, tag00001")
+    assert not by_name["0.png"].endswith(",")
+    freq = tag_frequency(items)
+    assert len(json.dumps(freq)) <= D.MAX_TAG_FREQUENCY_CHARS
+    tags = freq["3_style"]
+    assert tags["tag00001"] == 2                                       # in two captions: kept
+    assert max(len(t) for t in tags) == D.MAX_TAG_CHARS                 # the 5,000-character tag, cut
+    assert sum(1 for t in tags if t.startswith("tag")) <= D.MAX_TAGS_PER_CAPTION
+
+
+def test_file_name_that_is_not_utf8_trains(tmp_path):
+    """A picture named in Latin-1 bytes: captioned from its name decoded leniently, shown in the preview, and
+    a real (1-step) run writes a LoRA whose metadata carries the decoded name; before the fix the tokenizer
+    raised TypeError after the model had loaded."""
+    from lora_studio.dataset_preview import preview_dataset
+    from lora_studio.demo import random_demo_pipeline
+    from lora_studio.fileio import load_safetensors
+    from lora_studio.train.config import TrainConfig
+    from lora_studio.train.trainer import train
+
+    data = B.latin1_file_name(tmp_path / "data")
+    (item,) = scan_images(data)
+    assert item.caption == "café crème" and "\udce9" in str(item.path)
+    (entry,) = preview_dataset(data).gallery()
+    assert isinstance(entry[0], Image.Image) and entry[1] == "café crème"   # no undecodable name for the page
+    cfg = TrainConfig(data_dir=str(data), output_dir=str(tmp_path / "out"), run_name="run", resolution=64,
+                      min_bucket_reso=32, max_bucket_reso=128, bucket_reso_step=8, rank=2, alpha=2.0, steps=1,
+                      batch_size=1, cache_latents="disk", save_precision="fp32")
+    result = train(cfg, pipeline=random_demo_pipeline())
+    _, meta = load_safetensors(result.lora_path)
+    assert json.loads(meta["ss_tag_frequency"]) == {"1_data": {"café crème": 1}}
 
 
 def test_empty_folder_and_all_bad_folder_are_dataset_errors(tmp_path, cases):

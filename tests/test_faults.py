@@ -228,6 +228,28 @@ def test_output_folder_that_is_a_file(data, tmp_path):
     assert blocker.read_text() == "a regular file where a folder is expected\n"
 
 
+def test_a_run_that_fails_before_step_1_leaves_no_run_folder(data, tmp_path, monkeypatch):
+    """A run that fails after its folder was made but before it trained (a rank too large for a layer, a
+    failure while caching latents) removes the folder it made, which held only config.json. A folder that was
+    there before keeps what it held."""
+    with pytest.raises(LoraStudioError):
+        train(_cfg(data, tmp_path, rank=48, steps=1), pipeline=random_demo_pipeline())
+    assert not (tmp_path / "run").exists()
+
+    def failing_cache(*args, **kwargs):
+        raise TrainingError("cannot encode the pictures; free some memory and start again.")
+
+    monkeypatch.setattr(trainer_mod, "LatentCache", failing_cache)
+    with pytest.raises(TrainingError, match="cannot encode"):
+        train(_cfg(data, tmp_path, steps=1), pipeline=random_demo_pipeline())
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine\n")
+    with pytest.raises(TrainingError, match="cannot encode"):
+        train(_cfg(data, tmp_path, steps=1), pipeline=random_demo_pipeline())
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine\n"
+
+
 def test_state_folder_that_is_a_file(data, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "state").write_text("in the way\n")

@@ -140,3 +140,38 @@ def test_batches_cover_repeats_are_seeded_and_bucket_pure():
 def test_tag_frequency_counts_images_per_concept():
     freq = tag_frequency(_items(4, repeats=10))
     assert freq == {"10_c": {"a": 4, "t0": 2, "t1": 2}}
+
+
+def _listed_order(items, batch_size, seed, epoch):
+    """The batch order as it was computed before repeats became index arithmetic: every repeat listed, each
+    bucket's list shuffled, the batches shuffled. The reference that keeps resumed runs bit-identical."""
+    import torch
+
+    by_bucket: dict = {}
+    for i, it in enumerate(items):
+        by_bucket.setdefault(it.bucket, []).extend([i] * it.repeats)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    batches = []
+    for bucket in sorted(by_bucket):
+        idx = by_bucket[bucket]
+        order = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
+        batches += [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def test_repeats_are_not_listed_and_the_order_is_unchanged():
+    """Regression guard (it passes before and after the change): the batch order equals the listed-repeats
+    order for mixed repeat counts, buckets and batch sizes; and a folder at the repeat limit needs no list of
+    its repeats to give any batch."""
+    rng = random.Random(0)
+    for _ in range(12):
+        items = [ImageItem(__import__("pathlib").Path(f"{i}.png"), "a", rng.choice([1, 2, 3, 10, 40]), "c",
+                           rng.choice([(64, 64), (200, 100), (100, 200)])) for i in range(rng.randint(1, 12))]
+        bs, seed = rng.choice([1, 2, 3, 8]), rng.randint(0, 99)
+        bb = BucketBatches(items, bs, seed, 64, min_reso=32, max_reso=128, step=8)
+        for epoch in range(2):
+            assert bb.epoch_batches(epoch) == _listed_order(bb.items, bs, seed, epoch)
+    big = BucketBatches(_items(3, repeats=10_000), batch_size=4, seed=1, resolution=64, min_reso=32, max_reso=128,
+                        step=8)
+    assert big.batches_per_epoch == 7_500 and big.bucket_counts == {(64, 64): 30_000}
+    assert big.batch(7_500 + 3) == (1, big.epoch_batches(1)[3])

@@ -72,7 +72,8 @@ class LatentCache:
         it = self.items[i]
         st = it.path.stat()
         key = f"{it.path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{it.bucket}|{self._fp}"
-        return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
+        # surrogateescape: a file name that is not UTF-8 hashes as its own bytes (the same key as before otherwise)
+        return self.cache_dir / f"{hashlib.sha1(key.encode('utf-8', 'surrogateescape')).hexdigest()}.safetensors"
 
     def get(self, indices: list[int]) -> torch.Tensor:
         if self.mode == "memory":

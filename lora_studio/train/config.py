@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
+from ..names import MAX_NAME_BYTES, check_name
 from ..preset_files import PRESETS_DIR
 
 
@@ -158,7 +159,7 @@ class TrainConfig:
         if self.run_name:
             return self.run_name
         stem = Path(self.data_dir).name if self.data_dir else "lora"
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "lora"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")[:MAX_NAME_BYTES] or "lora"
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.resolved_run_name()
@@ -207,8 +208,9 @@ class TrainConfig:
             raise ConfigError(f"{where}: caption_extension = {self.caption_extension!r} must start with a dot, e.g. '.txt'.")
         if self.init == "pissa" and self.use_dora:
             raise ConfigError(f"{where}: init = 'pissa' cannot be combined with use_dora = true; choose one.")
-        if self.run_name and ("/" in self.run_name or "\\" in self.run_name or self.run_name in (".", "..")):
-            raise ConfigError(f"{where}: run_name = {self.run_name!r} must be a plain folder name without slashes.")
+        for key in ("run_name", "output_name"):  # each becomes a file or folder name under output_dir
+            if getattr(self, key):
+                check_name(getattr(self, key), f"{where}: {key}")
 
 
 # JSON types each field accepts. Hand-written (rather than read from annotations) to keep the rules explicit.

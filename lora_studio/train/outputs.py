@@ -21,14 +21,29 @@ class RunWriter:
         self.samples: list[Path] = []
         self.last_good: Path | None = None
         self.prediction_type = cfg.prediction_type
+        self.created = False        # whether this run made run_dir (then a failure before step 1 removes it)
 
     def start(self) -> None:
         try:
+            self.created = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TrainingError(f"cannot create the run folder {self.run_dir}: {err.strerror or err}. Choose an "
                                 "output folder you can write to (a file may be in the way).") from err
         self.cfg.to_json(self.run_dir / "config.json")
+
+    def discard_if_unused(self) -> None:
+        """After a failure: remove the run folder if this run made it and it holds only ``start``'s config.json,
+        so a run that never trained leaves nothing behind. Anything else in it (a latent cache, saves) stays."""
+        if not self.created:
+            return
+        config = self.run_dir / "config.json"
+        try:
+            if [p.name for p in self.run_dir.iterdir()] == [config.name]:
+                config.unlink()
+            self.run_dir.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
 
     def _metadata(self, modules, step: int) -> dict[str, str]:
         items = self.batches.items

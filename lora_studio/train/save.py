@@ -28,6 +28,7 @@ from ..family import Family
 from ..fileio import atomic_path, load_safetensors, save_safetensors_atomic, write_text_atomic
 from ..lora.formats import LoraModule
 from ..lora.writer import kohya_metadata, save_kohya_lora
+from ..names import as_text
 from ..progress import report
 from .config import TrainConfig
 
@@ -45,7 +46,7 @@ def lora_metadata(cfg: TrainConfig, family: Family, modules: Mapping[str, LoraMo
     alphas = {round(float(m.alpha), 6) for m in modules.values() if m.alpha is not None}
     rank = max(ranks) if ranks else cfg.rank
     alpha = alphas.pop() if len(alphas) == 1 else cfg.alpha
-    return kohya_metadata(
+    meta = kohya_metadata(
         family=family, rank=rank, alpha=alpha, title=cfg.resolved_output_name(), resolution=cfg.resolution,
         num_train_images=num_train_images, tag_frequency=tag_frequency,
         extra={
@@ -82,6 +83,8 @@ def lora_metadata(cfg: TrainConfig, family: Family, modules: Mapping[str, LoraMo
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
             "modelspec.prediction_type": cfg.prediction_type,
         })
+    # safetensors metadata must be valid Unicode: a base path with a name that is not UTF-8 is shown decoded
+    return {k: as_text(v) for k, v in meta.items()}
 
 
 def write_lora(modules: Mapping[str, LoraModule], path: Path, metadata: Mapping[str, str], save_precision: str) -> Path:

@@ -148,7 +148,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     batches = BucketBatches(items, cfg.batch_size, cfg.seed, cfg.resolution, cfg.enable_buckets,
                             cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_step)
     writer = RunWriter(cfg, cfg.run_dir(), family, batches, tag_frequency(batches.items))
-    writer.start()
 
     sdxl = family is Family.SDXL
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
@@ -160,6 +159,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
                            sdxl)
     injected: list[InjectedLora] = []
     try:
+        writer.start()
         channels_last = wants_channels_last(cfg.channels_last, device)
         for m in (pipe.unet, pipe.vae, *encoders):
             placement.place(m, dtypes[m], channels_last=channels_last and m is pipe.unet)
@@ -179,10 +179,13 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
             stack.enter_context(lean_backward(pipe.unet, cfg.lean_backward))  # after the LoRA layers: it reads
             return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks,
                         offloader)
-    except torch.OutOfMemoryError as err:
-        raise TrainingError(f"out of GPU memory at batch_size {cfg.batch_size}, resolution {cfg.resolution}: "
-                            "lower batch_size or resolution, turn on gradient_checkpointing, or use mixed_precision "
-                            "'fp16'/'bf16'.") from err
+    except BaseException as err:
+        writer.discard_if_unused()  # a run that failed before it saved anything leaves no folder behind
+        if isinstance(err, torch.OutOfMemoryError):
+            raise TrainingError(f"out of GPU memory at batch_size {cfg.batch_size}, resolution {cfg.resolution}: "
+                                "lower batch_size or resolution, turn on gradient_checkpointing, or use "
+                                "mixed_precision 'fp16'/'bf16'.") from err
+        raise
     finally:
         for inj in injected:
             remove_lora(inj)

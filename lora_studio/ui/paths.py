@@ -9,13 +9,11 @@ is tested on its own.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputFileError
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+from ..names import check_name
 
 
 @dataclass
@@ -60,7 +58,5 @@ class PathPolicy:
         name = (name or "").strip()
         if suffix and name.lower().endswith(suffix.lower()):
             name = name[: -len(suffix)]
-        if not _SAFE_NAME.match(name) or ".." in name:
-            raise InputFileError(f"output name {name!r} must be a plain name (letters, digits, . _ - and spaces, "
-                                 f"no slashes); it is written into {self.outputs / kind}.")
+        check_name(name, "output name", InputFileError)
         return self.outputs / kind / f"{name}{suffix}"

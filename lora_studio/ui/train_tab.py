@@ -166,8 +166,7 @@ def build_train_tab(ctx: AppContext) -> None:
     def preview(folder, trigger, resolution):
         path = ctx.policy.readable(folder, "training folder")
         pv = preview_dataset(path, cfg0.replace(trigger_word=trigger or "", resolution=int(resolution or 512)))
-        shown = [(str(it.path), it.caption) for it in pv.items[:64]]
-        return f"**{pv.text()}**", shown
+        return f"**{pv.text()}**", pv.gallery(64)
 
     @user_errors
     def on_preset(name):

@@ -12,7 +12,7 @@ from lora_factories import demo_or_random_pipeline, write_kohya_lora
 from lora_studio.cli.main import main
 from lora_studio.mix.args import parse_blocks_arg, parse_lora_arg
 from lora_studio.errors import ConfigError
-from lora_studio.mix.presets import (PRESETS_DIR, MixPreset, PresetLora, add_preset_loras, load_mix_preset,
+from lora_studio.mix.presets import (PRESETS_DIR, MixPreset, PresetLora, load_mix_preset, preset_slots,
                                     preset_from_dict, save_mix_preset)
 from lora_studio.render import lora_hash, parse_infotext, read_png_parameters
 
@@ -70,7 +70,7 @@ def test_preset_save_load_round_trip(tmp_path):
 
 
 def test_preset_loras_resolve_beside_the_preset_and_in_lora_dir(tmp_path):
-    from lora_studio.mix import LoraMixer
+    from lora_studio.mix.session import MixSession
 
     pipe = demo_or_random_pipeline()
     write_kohya_lora(tmp_path / "p" / "near.safetensors", pipe, seed=1)
@@ -78,23 +78,23 @@ def test_preset_loras_resolve_beside_the_preset_and_in_lora_dir(tmp_path):
     preset = preset_from_dict({"lora_dir": "loras", "loras": [
         {"file": "near.safetensors", "strength": 0.5},
         {"file": "far", "strength": -1, "te_strength": 0, "blocks": {"mid": 0}}]})
-    mixer = LoraMixer(pipe)
-    names = add_preset_loras(preset, mixer, preset_dir=tmp_path / "p")
-    got = {e.name: (e.strength, e.te_strength, e.block_weights) for e in mixer.entries}
+    session = MixSession(loader=lambda base: pipe)
+    names = [n for n, _, _ in session.set_loras("demo", preset_slots(preset, preset_dir=tmp_path / "p"))]
+    got = {e.name: (e.strength, e.te_strength, e.block_weights) for e in session.mixer.entries}
     assert names == ["near", "far"]
     assert got == {"near": (0.5, None, {}), "far": (-1.0, 0.0, {"mid": 0.0})}
     with pytest.raises(Exception, match="not found; looked at") as err:
-        add_preset_loras(preset_from_dict({"loras": ["missing.safetensors"]}), mixer, preset_dir=tmp_path)
+        preset_slots(preset_from_dict({"loras": ["missing.safetensors"]}), preset_dir=tmp_path)
     assert "set \"lora_dir\" in the preset" in str(err.value)
     # a preset that sets lora_dir is shown the folders searched, not told to set it
     with pytest.raises(Exception, match="not found; looked at") as err:
-        add_preset_loras(preset_from_dict({"lora_dir": "loras", "loras": ["missing.safetensors"]}), mixer,
-                         preset_dir=tmp_path / "p")
+        preset_slots(preset_from_dict({"lora_dir": "loras", "loras": ["missing.safetensors"]}),
+                     preset_dir=tmp_path / "p")
     assert str(tmp_path / "p" / "loras" / "missing.safetensors") in str(err.value)
     assert "Set \"lora_dir\"" not in str(err.value) and "put the file in" in str(err.value)
     with pytest.raises(Exception, match="not found; looked at") as err:
-        add_preset_loras(preset_from_dict({"lora_dir": "nowhere", "loras": ["missing.safetensors"]}), mixer,
-                         preset_dir=tmp_path / "p")
+        preset_slots(preset_from_dict({"lora_dir": "nowhere", "loras": ["missing.safetensors"]}),
+                     preset_dir=tmp_path / "p")
     assert "nowhere" in str(err.value) and "does not exist" in str(err.value)
 
 
@@ -107,7 +107,7 @@ def base_loader(monkeypatch):
 
     def load(source, allow_pickle=False):
         calls.append(source)
-        return demo_or_random_pipeline(), "demo"
+        return demo_or_random_pipeline()
 
     monkeypatch.setattr(cli_mix, "load_base", load)
     return calls

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from .. import models
 from ..errors import ConfigError
-from ..mix.args import find_lora_arg, parse_blocks_arg, parse_lora_arg
+from ..mix.args import SlotSpec, apply_blocks_args, find_lora_arg, parse_blocks_arg, parse_lora_arg
+from ..mix.compare import parse_axis
+from ..mix.presets import MixPreset, load_mix_preset, preset_slots, save_mix_preset
+from ..mix.session import MixSession, model_name
+from ..prompt import parse_prompt, resolve_requests
+from ..render import save_png
 from ..progress import text_progress
 
 DESCRIPTION = """Apply LoRAs at strengths to a base model, render, and compare.
@@ -65,10 +70,10 @@ def register(sub) -> None:
 
 
 def load_base(source: str, allow_pickle: bool = False):
-    """(pipeline, model name for the infotext)."""
+    """The base pipeline (the session's loader)."""
     loaded = models.load_base(source, allow_pickle=allow_pickle, progress=text_progress())
     loaded.pipe.set_progress_bar_config(disable=True)
-    return loaded.pipe, "demo" if source.lower() == "demo" else (Path(source).stem or source)
+    return loaded.pipe
 
 
 def _next_image_path(out: Path, seed: int) -> Path:
@@ -78,12 +83,6 @@ def _next_image_path(out: Path, seed: int) -> Path:
 
 
 def run(args) -> int:
-    from ..mix.compare import comparison_grid, mixer_hashes, parse_axis, xy_grid
-    from ..mix import LoraMixer
-    from ..mix.presets import MixPreset, add_preset_loras, load_mix_preset, preset_from_mixer, save_mix_preset
-    from ..prompt import parse_prompt, resolve_requests
-    from ..render import render, save_png
-
     if len(args.xy) > 2:
         raise ConfigError(f"--xy was given {len(args.xy)} times; a grid has two axes (X, then Y).")
     axes = [parse_axis(a) for a in args.xy]
@@ -101,7 +100,7 @@ def run(args) -> int:
     requests = parse_prompt(preset.prompt).loras        # checked before the model loads
     lora_refs = [parse_lora_arg(x) for x in args.lora]
     blocks = [parse_blocks_arg(x) for x in args.blocks]
-    params = preset.gen_params()
+    params = preset.gen_params(model_name(preset.base))
 
     lora_dir = preset.lora_dir
     if args.lora_dir is None and lora_dir and preset_dir is not None and (preset_dir / lora_dir).is_dir():
@@ -111,48 +110,27 @@ def run(args) -> int:
         raise ConfigError("--grid and LoRA axes of --xy need at least one LoRA: add --lora FILE:STRENGTH.")
 
     # find every file before the (slow) model load, so a typo fails fast
-    wanted = [(find_lora_arg(ref, lora_dir), s, te) for ref, s, te in lora_refs]
-    wanted += [(path, req.strength, req.te_strength) for req, path in resolve_requests(requests, lora_dir)]
+    slots = preset_slots(preset, preset_dir, lora_dir)
+    slots += [SlotSpec(str(find_lora_arg(a.ref, lora_dir)), a.strength, a.te_strength) for a in lora_refs]
+    slots += [SlotSpec(str(path), req.strength, req.te_strength) for req, path in resolve_requests(requests, lora_dir)]
+    apply_blocks_args(slots, blocks)
 
-    pipe, model_name = load_base(preset.base, args.allow_pickle)
-    params.model_name = model_name
-    mixer = LoraMixer(pipe)
-    add_preset_loras(preset, mixer, preset_dir, lora_dir)
-    for path, strength, te in wanted:
-        _add(mixer, path, None, strength, te, args.allow_partial)
-    for name, weights in blocks:
-        mixer.set_strength(name, blocks=weights)
-    print(mixer.report())
-    if not mixer.entries:
+    session = MixSession(loader=lambda base: load_base(base, args.allow_pickle))
+    session.set_loras(preset.base, slots, allow_partial=args.allow_partial)
+    print(session.report())
+    if not slots:
         print("note: no LoRA given; rendering the base model alone.")
 
     out = Path(args.out)
-    loras = [(e.name, e.strength, e.te_strength) for e in mixer.entries]
-    hashes = mixer_hashes(mixer)
-    mixer.apply()
-    try:
-        rendered = render(pipe, params, loras, progress=text_progress(), lora_hashes=hashes)
-    finally:
-        mixer.restore()
+    rendered = session.render(params, progress=text_progress())
     print(f"image: {save_png(rendered, _next_image_path(out, rendered.params.seed))}")
     if args.grid:
-        res = comparison_grid(pipe, mixer, rendered.params, [(n, s, t) for n, s, t in loras], out,
-                              lora_hashes=hashes, progress=text_progress())
+        res = session.compare(preset.base, slots, rendered.params, out, progress=text_progress())
         print(f"comparison grid: {res.grid_path} ({len(res.image_paths)} tiles: {', '.join(res.labels)})")
     if axes:
-        res = xy_grid(pipe, mixer, rendered.params, axes[0], axes[1] if len(axes) > 1 else None, out,
-                      lora_hashes=hashes, progress=text_progress())
+        res = session.xy(preset.base, slots, rendered.params, axes[0], axes[1] if len(axes) > 1 else None, out,
+                         progress=text_progress())
         print(f"X/Y grid: {res.grid_path} ({len(res.image_paths)} cells in {out / 'xy-cells'})")
     if args.save_preset:
-        saved = preset_from_mixer(mixer, rendered.params, preset.base, preset.lora_dir)
-        print(f"preset: {save_mix_preset(saved, args.save_preset)}")
+        print(f"preset: {save_mix_preset(session.to_preset(rendered.params, preset.lora_dir), args.save_preset)}")
     return 0
-
-
-def _add(mixer, path: Path, name, strength: float, te: float | None, allow_partial: bool) -> str:
-    """Add a LoRA; the same file twice (say, by --lora and by a prompt tag) is an error, not a double dose."""
-    for e in mixer.entries:
-        if e.path is not None and Path(e.path).resolve() == path.resolve():
-            raise ConfigError(f"{path} is asked for twice (as {e.name!r} already). Give each LoRA once.")
-    return mixer.add(str(path), name=name, strength=strength, te_strength=te, allow_partial=allow_partial)
-

@@ -1,10 +1,12 @@
-"""The one reader of the LoRA arguments users type: ``FILE[:STRENGTH[:TE_STRENGTH]]`` (CLI ``--lora``, the export
+"""What users type and set for a LoRA: ``SlotSpec`` (a LoRA in the mix as the user set it) and the one reader of
+``FILE[:STRENGTH[:TE_STRENGTH]]`` (CLI ``--lora``, the export
 tab's lines, preset strings) and block weights (``down=1, mid=0.5, up.1=0``; the CLI's ``NAME:KEY=W,...``)."""
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +23,32 @@ class LoraArg(NamedTuple):
     ref: str
     strength: float = 1.0
     te_strength: float | None = None
+
+
+@dataclass
+class SlotSpec:
+    """One LoRA in the mix as the user set it: a file, its strength, an optional text-encoder strength
+    (None: same as ``strength``) and per-block weights (``LoraMixer`` keys: down, mid, up, down.0, ...)."""
+
+    path: str
+    strength: float = 1.0
+    te_strength: float | None = None
+    blocks: dict[str, float] = field(default_factory=dict)
+    name: str | None = None            # the name in the mix (default: the file's stem)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+def apply_blocks_args(slots: list[SlotSpec], blocks: list[tuple[str, dict[str, float]]]) -> None:
+    """Give each ``--blocks NAME:...`` to the slot of that name (its ``label``)."""
+    by_label = {s.label: s for s in slots}
+    for name, weights in blocks:
+        if name not in by_label:
+            raise ConfigError(f"--blocks {name}:... names no LoRA of the mix; the mix holds: "
+                              f"{', '.join(by_label) or 'nothing'}.")
+        by_label[name].blocks = dict(weights)
 
 
 def parse_lora_arg(text: str) -> LoraArg:

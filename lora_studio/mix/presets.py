@@ -24,6 +24,7 @@ from ..errors import ConfigError, InputFileError
 from ..fileio import write_text_atomic
 from ..preset_files import PRESETS_DIR
 from ..render import GenParams
+from .args import SlotSpec
 
 
 
@@ -201,12 +202,12 @@ def resolve_lora_file(file: str, preset_dir: Path | None, lora_dir: str | os.Pat
                          f"{', '.join(map(str, tried))}. {advice}")
 
 
-def add_preset_loras(preset: MixPreset, mixer, preset_dir: Path | None = None,
-                     lora_dir: str | os.PathLike | None = None) -> list[str]:
-    """Add every LoRA of the preset to ``mixer`` (each file read once); returns their names in the mix."""
+def preset_slots(preset: MixPreset, preset_dir: Path | None = None,
+                 lora_dir: str | os.PathLike | None = None) -> list[SlotSpec]:
+    """The preset's LoRAs as slots for ``MixSession.set_loras``, each file found (see ``resolve_lora_file``)."""
     folder = lora_dir if lora_dir is not None else preset.lora_dir
     if folder is not None and preset_dir is not None and not Path(folder).is_absolute():
         beside = preset_dir / folder
         folder = beside if beside.is_dir() else folder
-    return [mixer.add(str(resolve_lora_file(lo.file, preset_dir, folder)), name=lo.name, strength=lo.strength,
-                      te_strength=lo.te_strength, block_weights=lo.blocks or None) for lo in preset.loras]
+    return [SlotSpec(str(resolve_lora_file(lo.file, preset_dir, folder)), lo.strength, lo.te_strength,
+                     dict(lo.blocks), lo.name) for lo in preset.loras]

@@ -1,4 +1,5 @@
-"""One user's live mix: a base pipeline and a ``LoraMixer`` kept in memory between renders.
+"""One user's live mix: a base pipeline and a ``LoraMixer`` kept in memory between renders. The CLI and the app
+both talk to a ``MixSession`` (the CLI's lives for one command) and hand it ``SlotSpec``s, what the user set.
 
 A GUI session moves a slider and renders again many times. ``MixSession`` loads the base model once per base
 (``loads`` counts it), reads each LoRA file once (``reads`` counts it) and afterwards only re-weights through
@@ -9,30 +10,26 @@ out of the slots is removed from the mixer; a different base starts a fresh pipe
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .compare import ComparisonResult, comparison_grid, parse_axis, xy_grid
 from ..errors import ConfigError
 from ..models import load_base
 from ..progress import ProgressCallback, StopFlag
-from ..render import GenParams
-
-
-@dataclass
-class SlotSpec:
-    """One LoRA in the mix as the user set it: a file, its strength, an optional text-encoder strength
-    (None: same as ``strength``) and per-block weights (``LoraMixer`` keys: down, mid, up, down.0, ...)."""
-
-    path: str
-    strength: float = 1.0
-    te_strength: float | None = None
-    blocks: dict[str, float] = field(default_factory=dict)
+from ..render import GenParams, RenderedImage, lora_hash, render
+from .args import SlotSpec
+from .compare import Axis, ComparisonResult, comparison_grid, parse_axis, xy_grid
+from .mixer import LoraMixer
+from .presets import MixPreset, preset_from_mixer
 
 
 def _default_loader(base: str):
     return load_base(base).pipe
+
+
+def model_name(base: str) -> str:
+    """The model's name in the infotext: "demo", or the file or folder name."""
+    return "demo" if base.strip().lower() == "demo" else (Path(base).stem or base)
 
 
 class MixSession:
@@ -47,11 +44,10 @@ class MixSession:
         self.loads = 0                      # base models loaded so far
         self.reads = 0                      # LoRA files read so far
         self._names: dict[str, str] = {}    # resolved file path -> mixer entry name
+        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> A1111 short hash
 
     def use_base(self, base: str):
         """The pipeline for ``base``, loaded only when the base differs from the one in memory."""
-        from .mixer import LoraMixer
-
         base = (base or "demo").strip()
         with self._lock:
             if self.pipe is None or base != self.base:
@@ -61,24 +57,27 @@ class MixSession:
                 self.pipe, self.mixer, self.base = pipe, LoraMixer(pipe), base
             return self.pipe
 
-    def set_loras(self, base: str, slots: Sequence[SlotSpec]) -> list[tuple[str, float, float]]:
+    def set_loras(self, base: str, slots: Sequence[SlotSpec], allow_partial: bool = False
+                  ) -> list[tuple[str, float, float]]:
         """Make the mixer hold exactly ``slots`` (reading only files it does not hold yet); returns the
-        ``(entry name, strength, te strength)`` of each slot, in order."""
+        ``(entry name, strength, te strength)`` of each slot, in order. ``allow_partial``: see ``LoraMixer.add``."""
         with self._lock:
             self.use_base(base)
             wanted: dict[str, SlotSpec] = {}
             for slot in slots:
                 key = str(Path(slot.path).resolve())
                 if key in wanted:
-                    raise ConfigError(f"{Path(slot.path).name} is in the mix twice; use one slot per LoRA.")
+                    raise ConfigError(f"{Path(slot.path).name} is asked for twice (in the mix twice); give each LoRA "
+                                      "once, in one slot.")
                 wanted[key] = slot
             for key in [k for k in self._names if k not in wanted]:
                 self.mixer.remove(self._names.pop(key))
             picked = []
             for key, slot in wanted.items():
                 if key not in self._names:
-                    self._names[key] = self.mixer.add(slot.path, strength=slot.strength, te_strength=slot.te_strength,
-                                                      block_weights=slot.blocks)
+                    self._names[key] = self.mixer.add(slot.path, name=slot.name, strength=slot.strength,
+                                                      te_strength=slot.te_strength, block_weights=slot.blocks,
+                                                      allow_partial=allow_partial)
                     self.reads += 1
                 else:
                     self.mixer.set_strength(self._names[key], unet=slot.strength, te=slot.te_strength,
@@ -92,24 +91,56 @@ class MixSession:
                 stop: StopFlag | None = None) -> ComparisonResult:
         """The base / each LoRA / mix comparison row (``compare.comparison_grid``) for the slots as set now."""
         with self._lock:
-            picked = self.set_loras(base, slots)
-            if not picked:
+            if not self.set_loras(base, slots):
                 raise ConfigError("the mix is empty: pick at least one LoRA in a slot, then render.")
-            return comparison_grid(self.pipe, self.mixer, params, picked, out_dir, prefix=prefix,
-                                   progress=progress, stop=stop)
+            entries = [(e.name, e.strength, e.effective_te_strength) for e in self.mixer.entries]
+            return comparison_grid(self.pipe, self.mixer, params, entries, out_dir, prefix=prefix,
+                                   lora_hashes=self.hashes(), progress=progress, stop=stop)
 
-    def xy(self, base: str, slots: Sequence[SlotSpec], params: GenParams, x: str, y: str, out_dir: str | Path, *,
-           prefix: str = "xy", progress: ProgressCallback | None = None,
+    def xy(self, base: str, slots: Sequence[SlotSpec], params: GenParams, x: str | Axis, y: str | Axis | None,
+           out_dir: str | Path, *, prefix: str = "xy", progress: ProgressCallback | None = None,
            stop: StopFlag | None = None) -> ComparisonResult:
-        """An X/Y grid (``compare.xy_grid``); ``x``/``y`` are axis texts like ``"strength=0,0.5,1"``."""
-        if not (x or "").strip():
+        """An X/Y grid (``compare.xy_grid``); ``x``/``y`` are axes or their texts, like ``"strength=0,0.5,1"``."""
+        if isinstance(x, str) and not x.strip():
             raise ConfigError("the X axis is empty; give e.g. strength=0,0.5,1 or seed=1,2,3.")
-        x_axis = parse_axis(x)
-        y_axis = parse_axis(y) if (y or "").strip() else None
+        x_axis = parse_axis(x) if isinstance(x, str) else x
+        y_axis = parse_axis(y) if isinstance(y, str) and y.strip() else (y if isinstance(y, Axis) else None)
         with self._lock:
             self.set_loras(base, slots)
             return xy_grid(self.pipe, self.mixer, params, x_axis, y_axis, out_dir, prefix=prefix,
-                           progress=progress, stop=stop)
+                           lora_hashes=self.hashes(), progress=progress, stop=stop)
+
+    def render(self, params: GenParams, progress: ProgressCallback | None = None) -> RenderedImage:
+        """One image of the mix as set (``set_loras`` first), with its LoRAs and their hashes in the infotext;
+        the base weights are restored afterwards."""
+        with self._lock:
+            if self.mixer is None:
+                raise ConfigError("no base model loaded yet: set the LoRAs (and the base) first.")
+            loras = [(e.name, e.strength, e.te_strength) for e in self.mixer.entries]
+            hashes = self.hashes()
+            self.mixer.apply()
+            try:
+                return render(self.pipe, params, loras, progress=progress, lora_hashes=hashes)
+            finally:
+                self.mixer.restore()
+
+    def hashes(self) -> dict[str, str]:
+        """A1111 short hashes of the mix's files ("Lora hashes" in the infotext), each file hashed once."""
+        out = {}
+        for e in self.mixer.entries:
+            if e.path is None or not Path(e.path).is_file():
+                continue
+            st = Path(e.path).stat()
+            key = (str(Path(e.path).resolve()), st.st_size, st.st_mtime_ns)
+            if key not in self._hashes:
+                self._hashes[key] = lora_hash(e.path)
+            out[e.name] = self._hashes[key]
+        return out
+
+    def to_preset(self, params: GenParams, lora_dir: str | None = None) -> MixPreset:
+        """The mix as set, with ``params``, as a mixing preset (``presets.save_mix_preset`` writes it)."""
+        with self._lock:
+            return preset_from_mixer(self.mixer, params, self.base or "demo", lora_dir)
 
     def report(self) -> str:
         with self._lock:

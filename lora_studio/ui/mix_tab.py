@@ -11,8 +11,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..library import scan_library
-from ..mix.args import parse_block_weights
-from ..mix.session import MixSession, SlotSpec
+from ..mix.args import SlotSpec, parse_block_weights
+from ..mix.session import MixSession
 from ..render import GenParams, sampler_names
 from .state import AppContext, progress_adapter, user_errors, wire
 

@@ -27,6 +27,8 @@ from typing import Any, Callable
 from .errors import ConfigError, LoraStudioError, TrainingError
 from .progress import ProgressEvent, StopFlag
 from .train.config import TrainConfig
+from .train.trainer import TrainCallbacks
+from .train.trainer import train
 
 LOG_LINES = 400          # log lines kept per job (the newest)
 FINISHED = ("done", "stopped", "error")
@@ -155,7 +157,6 @@ class TrainJob:
         self._log_line(f"[save] step {step}: {path}")
 
     def _run(self) -> None:
-        from .train.trainer import TrainCallbacks
 
         self._log_line(f"training {self.config.resolved_run_name()!r} on {self.config.base!r}: "
                        f"{self.config.steps} steps, rank {self.config.rank}, data {self.config.data_dir}")
@@ -232,7 +233,6 @@ class JobRegistry:
 
     def _default_trainer(self) -> Trainer:
         if self._trainer is None:
-            from .train.trainer import train
 
             return train
         return self._trainer

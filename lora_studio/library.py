@@ -14,6 +14,7 @@ from typing import Any
 from .errors import InputFileError, LoraStudioError
 from .fileio import PICKLE_SUFFIXES as _PICKLES
 from .progress import ProgressCallback, report
+from .lora.inspect import inspect_lora
 
 LORA_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = tuple(sorted(_PICKLES))   # listed with an error: we never unpickle while browsing
@@ -67,7 +68,6 @@ def _item_from_info(name: str, path: Path, size: int, info: Any) -> LibraryItem:
 def scan_library(folder: str | Path, progress: ProgressCallback | None = None) -> list[LibraryItem]:
     """Inspect every LoRA file in ``folder``. A file that cannot be read becomes an item with ``error`` set;
     one bad download never hides the rest of the folder."""
-    from .lora.inspect import inspect_lora
 
     root = _folder(folder)
     files = list_lora_files(root, include_pickles=True)

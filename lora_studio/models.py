@@ -30,6 +30,7 @@ from .family import Family, family_of_pipeline
 from .fileio import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header, refuse_pickle
 from .ldm import detect_family_from_ldm_keys
 from .progress import ProgressCallback, report
+from .demo import ensure_demo_model
 
 Kind = Literal["diffusers", "single_file", "hub", "pipeline"]
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -205,7 +206,6 @@ def load_pipeline(source: str | Path | None = None, *, dtype: torch.dtype = torc
     """
     report(progress, "load", 0, 1, f"loading {source or 'demo'}")
     if source is None or str(source).strip().lower() == "demo":
-        from .demo import ensure_demo_model
 
         loaded = _load_diffusers_folder(ensure_demo_model(progress), "demo", dtype)
         loaded.family = Family.SD1

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .library import resolve
 
 TAG_RE = re.compile(r"<(lora|lyco):([^>]*)>", re.IGNORECASE)
 NAMED_KEYS = ("te", "unet")
@@ -113,7 +114,6 @@ def resolve_requests(requests: tuple[LoraRequest, ...] | list[LoraRequest],
                      folder: str | Path | None) -> list[tuple[LoraRequest, Path]]:
     """Find each requested LoRA's file in ``folder``; an unknown name raises ``InputFileError`` that lists
     what the folder holds."""
-    from .library import resolve
 
     if requests and folder is None:
         names = ", ".join(r.tag or r.name for r in requests)

@@ -33,6 +33,8 @@ from PIL.PngImagePlugin import PngInfo
 from .errors import ConfigError, InputFileError
 from .fileio import atomic_path, write_text_atomic
 from .progress import ProgressCallback, report
+from .prompt import strip_lora_tags
+from .prompt import parse_prompt
 
 # A1111 sampler name -> (diffusers scheduler class, extra config). The mapping follows diffusers' own
 # table of A1111 equivalents; "Karras" variants switch on Karras sigmas.
@@ -147,7 +149,6 @@ def render(pipe, params: GenParams, loras: Iterable[Sequence] = (), progress: Pr
     """Generate one image. The pipeline's own scheduler is put back afterwards; the noise comes from a CPU
     generator seeded with ``params.seed``, so a seed gives the same picture on any device. ``lora_hashes``
     (name -> ``lora_hash``) adds A1111's "Lora hashes" field for the LoRAs listed."""
-    from .prompt import strip_lora_tags
 
     params = params.check()
     if params.seed < 0:
@@ -218,7 +219,6 @@ def _quote(value: Any) -> str:
 
 
 def infotext(params: GenParams, loras: Iterable[Sequence] = (), extra: dict[str, Any] | None = None) -> str:
-    from .prompt import strip_lora_tags
 
     loras = _norm_loras(loras)
     prompt = " ".join(p for p in [strip_lora_tags(params.prompt)] + [lora_tag(*t) for t in loras] if p)
@@ -248,7 +248,6 @@ def parse_infotext(text: str) -> dict[str, Any]:
     """Read A1111 infotext into typed fields: ``prompt`` (LoRA tags removed), ``negative_prompt``, ``steps``,
     ``sampler``, ``cfg``, ``seed``, ``width``, ``height``, ``model_name`` (those present), ``loras`` as
     ``(name, strength, te_strength)`` and ``extra`` (every other ``key: value`` as text)."""
-    from .prompt import parse_prompt
 
     *lines, last = text.strip("\n").split("\n")
     if len(_PARAM_RE.findall(last)) < 3:  # no parameter line: everything is prompt

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..progress import text_progress
+from .. import demo
+from ..demo.render import sample_grid
 
 
 def register(sub) -> None:
@@ -16,8 +18,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .. import demo
-    from ..demo.render import sample_grid
 
     progress = text_progress()
     if args.rebuild:

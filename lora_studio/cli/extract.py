@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..progress import text_progress
 from .resize import add_rank_args, print_spectrum, rank_rule
+from ..export import extract_lora
 
 
 def register(sub) -> None:
@@ -22,7 +23,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import extract_lora
 
     method, value = rank_rule(args)
     rep = extract_lora(args.tuned, args.base, args.out, method, value,

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..models import describe_checkpoint
+from ..lora.inspect import format_lora_info, inspect_lora, looks_like_checkpoint
 
 
 def register(sub) -> None:
@@ -35,7 +36,6 @@ def _print_checkpoint(path: Path, as_json: bool) -> int:
 
 
 def _run(args) -> int:
-    from ..lora.inspect import format_lora_info, inspect_lora, looks_like_checkpoint
 
     path = Path(args.file).expanduser()
     if path.is_dir() or (path.suffix.lower() == ".safetensors" and path.exists() and looks_like_checkpoint(path)):

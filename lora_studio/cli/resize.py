@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ..progress import text_progress
+from ..spectrum import plot_spectrum
+from ..export import resize_lora
 
 
 def add_rank_args(p, required: bool = True) -> None:
@@ -28,7 +30,6 @@ def rank_rule(args, default: tuple[str, float] | None = None) -> tuple[str, floa
 
 def print_spectrum(stats, png, energy: float = 0.9) -> None:
     """Plot the spectra of the modules behind ``stats`` and print the rank advice."""
-    from ..spectrum import plot_spectrum
 
     summary = plot_spectrum({st.name: st for st in stats}, png, energy=energy)
     print(f"spectrum: {png}\n{summary.text()}")
@@ -48,7 +49,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import resize_lora
 
     method, value = rank_rule(args)
     rep = resize_lora(args.lora, args.out, method, value, dtype=args.dtype, progress=text_progress())

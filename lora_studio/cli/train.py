@@ -14,6 +14,7 @@ import sys
 
 from ..errors import ConfigError
 from ..progress import StopFlag, text_progress
+from ..train.config import TrainConfig, load_preset
 
 # option name -> TrainConfig key, for the options that have their own flag
 FLAGS = {"data": "data_dir", "base": "base", "steps": "steps", "rank": "rank", "alpha": "alpha",
@@ -85,7 +86,6 @@ def register(sub) -> None:
 
 
 def build_config(args):
-    from ..train.config import TrainConfig, load_preset
 
     if args.preset and args.config:
         raise ConfigError("give either --preset or --config, not both.")
@@ -111,13 +111,14 @@ def build_config(args):
 
 
 def run(args) -> int:
+    from ..train.trainer import TrainCallbacks, train  # peft and accelerate: not on the path of --help
+
     cfg = build_config(args)
     if args.print_config:
         print(cfg.to_json(), end="")
         return 0
     if not cfg.data_dir:
         raise ConfigError("no training folder: pass --data DIR (a folder of images with .txt captions).")
-    from ..train.trainer import TrainCallbacks, train
 
     if args.threads is not None:
         if args.threads < 1:

@@ -8,6 +8,7 @@ import torch
 
 from ..grid import labelled_grid
 from .model import DEMO_PROMPTS, DEMO_RESOLUTION
+from ..fileio import atomic_path
 
 
 def sample_grid(pipe, out: str | Path, steps: int = 20, seeds: tuple[int, ...] = (0, 1), cfg: float = 3.0) -> Path:
@@ -21,7 +22,6 @@ def sample_grid(pipe, out: str | Path, steps: int = 20, seeds: tuple[int, ...] =
         rows.append(row)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from .fileio import atomic_path
 
     with atomic_path(out) as tmp:  # the .part name hides the format from PIL: name it
         labelled_grid(rows, DEMO_PROMPTS, [f"seed {s}" for s in seeds], scale=2).save(

@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 from ..errors import FamilyMismatchError, LoraFormatError
 from ..family import family_of_pipeline
 from .math import delta_shape, natural_shape
+import torch
 
 # kohya prefixes per component. SD1/SD2 have one text encoder ("lora_te_"); SDXL has two ("lora_te1_", "lora_te2_").
 UNET_PREFIX = "lora_unet_"
@@ -202,7 +203,6 @@ def module_index(components: Mapping[str, object]) -> dict[str, tuple[str, str]]
 
     ``components`` maps "unet"/"text_encoder"/"text_encoder_2" to torch modules (a missing one is skipped).
     """
-    import torch
 
     sdxl = components.get("text_encoder_2") is not None
     index: dict[str, tuple[str, str]] = {}

@@ -24,7 +24,9 @@ from ..errors import ConfigError, InputFileError
 from ..fileio import write_text_atomic
 from ..preset_files import PRESETS_DIR
 from ..render import GenParams
-from .args import SlotSpec
+from .args import SlotSpec, parse_lora_arg
+from ..prompt import strip_lora_tags
+from ..library import resolve
 
 
 
@@ -77,8 +79,9 @@ def _unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _lora_from_dict(item: Any, where: str) -> PresetLora:
-    if isinstance(item, str):
-        return PresetLora(item)
+    if isinstance(item, str):                  # "file", "file:0.8" or "file:0.8:0.5", as typed anywhere else
+        arg = parse_lora_arg(item)
+        return PresetLora(arg.ref, arg.strength, arg.te_strength)
     if not isinstance(item, dict):
         raise ConfigError(f"{where} must be an object like {{\"file\": \"x.safetensors\", \"strength\": 0.8}}.")
     _unknown(item, {f.name for f in fields(PresetLora)}, where)
@@ -159,7 +162,6 @@ def save_mix_preset(preset: MixPreset, path: str | os.PathLike) -> Path:
 def preset_from_mixer(mixer, params: GenParams, base: str = "demo", lora_dir: str | None = None) -> MixPreset:
     """The mixer's current LoRAs and strengths with ``params``, ready to save. The prompt is saved without
     its ``<lora:...>`` tags: those LoRAs are in the mix, hence in ``loras``, already."""
-    from ..prompt import strip_lora_tags
 
     loras = [PresetLora(str(e.path), e.strength, e.te_strength, dict(e.block_weights),
                         None if e.path is not None and Path(e.path).stem == e.name else e.name)
@@ -170,7 +172,6 @@ def preset_from_mixer(mixer, params: GenParams, base: str = "demo", lora_dir: st
 
 def resolve_lora_file(file: str, preset_dir: Path | None, lora_dir: str | os.PathLike | None) -> Path:
     """Find a preset entry's file (see the module docstring for the order)."""
-    from ..library import resolve
 
     p = Path(file).expanduser()
     if p.is_absolute():

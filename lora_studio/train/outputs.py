@@ -12,6 +12,7 @@ from ..grid import labelled_grid
 from .config import TrainConfig
 from .dataset import BucketBatches
 from .save import RESUME_MUST_MATCH, lora_metadata, save_state, write_losses, write_lora
+from ..fileio import atomic_path
 
 
 class RunWriter:
@@ -92,7 +93,6 @@ class RunWriter:
                              scale=2 if cfg.resolution < 256 else 1)
         path = self.run_dir / "samples" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        from ..fileio import atomic_path
 
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")

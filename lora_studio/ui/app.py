@@ -15,6 +15,11 @@ import gradio as gr
 from ..jobs import REGISTRY, JobRegistry
 from .paths import PathPolicy
 from .state import AppContext
+from ..demo import DEMO_MODEL_DIR
+from .export_tab import build_export_tab
+from .inspect_tab import build_inspect_tab
+from .mix_tab import build_mix_tab
+from .train_tab import build_train_tab
 
 DEFAULT_OUTPUTS = Path("outputs")
 
@@ -23,18 +28,12 @@ def make_context(outputs: str | Path = DEFAULT_OUTPUTS, allow_dirs: Sequence[str
                  registry: JobRegistry | None = None) -> AppContext:
     from gradio.utils import get_upload_folder
 
-    from ..demo import DEMO_MODEL_DIR
-
     policy = PathPolicy(Path(outputs), list(allow_dirs), uploads=[Path(get_upload_folder())],
                         readonly=[DEMO_MODEL_DIR])
     return AppContext(policy, registry or REGISTRY)
 
 
 def build_app(ctx: AppContext | None = None) -> gr.Blocks:
-    from .export_tab import build_export_tab
-    from .inspect_tab import build_inspect_tab
-    from .mix_tab import build_mix_tab
-    from .train_tab import build_train_tab
 
     ctx = ctx or make_context()
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:

@@ -8,6 +8,7 @@ import socket
 import sys
 
 from ..cpu_memory import APP_TRIM_THRESHOLD, tune_glibc_malloc
+from .app import build_app, make_context
 
 DEFAULT_PORT = 7860
 
@@ -50,7 +51,6 @@ def exposure_refusal(args: argparse.Namespace) -> str | None:
 
 def launch_from_args(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .app import build_app, make_context
 
     auth = None
     if args.auth:

@@ -14,6 +14,7 @@ from ..dataset_preview import import_images, preview_dataset
 from ..jobs import JobSnapshot
 from ..train.config import CHOICES, DEFAULT_UNET_TARGETS, TrainConfig, list_presets, load_preset
 from .state import AppContext, user_errors, wire
+from ..demo import make_demo_dataset
 
 # Attention projections, the transformer's other linears, and the ResNet convs (LoCon-style training).
 TARGET_CHOICES = list(DEFAULT_UNET_TARGETS) + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
@@ -147,7 +148,6 @@ def build_train_tab(ctx: AppContext) -> None:
     # ------------------------------------------------------------------ handlers
     @user_errors
     def use_demo_dataset():
-        from ..demo import make_demo_dataset
 
         folder = ctx.outputs / "datasets" / "demo"
         if not folder.is_dir():

@@ -2,12 +2,14 @@
 
 Writes go to a temporary file in the target folder and are renamed into place,
 so a crash or a full disk never leaves a half-written file under a final name.
-Pickle-based formats are refused unless the caller explicitly allows them.
+Pickle-based formats are refused unless the caller explicitly allows them. A file given as safetensors that
+is something else (a saved web page, a Git LFS pointer, a picture, a pickle) is named for what it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -15,6 +17,7 @@ import shutil
 import re
 import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -24,7 +27,13 @@ from safetensors.torch import load_file, save_file
 from .errors import ExportError, InputFileError, UnsafeFileError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own bound on header size
+# The safetensors library's own bound (MAX_HEADER_SIZE in its Rust source, 100 MB, not MiB): a header between
+# the two limits would pass here only to cost the library a long parse before it refused it anyway.
+MAX_HEADER_BYTES = 100_000_000
+# A valid header nests 3 levels ({name: {"shape": [...]}}); JSON parsers recurse once per level, so a header of
+# 100k ``[`` would exhaust Python's stack. Refuse deep nesting before parsing, with room to spare.
+MAX_HEADER_DEPTH = 16
+SNIFF_BYTES = 64  # how much of a file is looked at to tell what it is
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
               "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64, "F8_E8M0": 8, "F4": 4,
@@ -224,6 +233,104 @@ def refuse_pickle(path: str | os.PathLike, allow_pickle: bool = False) -> None:
             "(it is then read with torch.load(weights_only=True)).")
 
 
+_PICKLE_ADVICE = ("loading it means unpickling, which can run arbitrary code. Use a .safetensors file instead, or, "
+                  "if you trust its source, rename it to .ckpt and pass --allow-pickle (it is then read with "
+                  "torch.load(weights_only=True)).")
+
+
+def sniff(head: bytes) -> str | None:
+    """What the file starting with ``head`` (its first ``SNIFF_BYTES``) is, when it is one of the files that get
+    saved or renamed where model weights were expected: "png", "jpeg", "webp", "pickle", "zip", "lfs" (a Git LFS
+    pointer), "html" (a web page or a server's XML reply), "json", "text"; None for anything else."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO opcode, protocol 2-5
+        return "pickle"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    # the last character may be cut in two; a byte-order mark is not printable but starts many text files
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd").lstrip("\ufeff")
+    if not text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    text = text.lstrip(" \t\r\n")
+    if text.startswith("version https://git-lfs.github.com/spec/"):
+        return "lfs"
+    if text.startswith("<"):
+        return "html"
+    return "json" if text.startswith(("{", "[")) else "text"
+
+
+def _excerpt(head: bytes) -> str:
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd").lstrip("\ufeff \t\r\n")
+    line = text.split("\n", 1)[0].rstrip("\r")
+    cut = len(line) > 48 or ("\n" not in text and len(head) == SNIFF_BYTES)
+    return repr(line[:48] + ("..." if cut else ""))
+
+
+def not_weights_error(path: str | os.PathLike, head: bytes) -> InputFileError | None:
+    """The error for a file that ``sniff`` recognises as something other than weights (None if it does not):
+    it names what the file really is and what to do. A pickle or a PyTorch zip is an ``UnsafeFileError``."""
+    p = Path(path)
+    kind = sniff(head)
+    if kind is None:
+        return None
+    start = f"{p} is not a safetensors file: it is"
+    if kind in ("png", "jpeg", "webp"):
+        return InputFileError(f"{start} a {kind.upper().replace('WEBP', 'WebP')} picture, not model weights (a "
+                              "preview image saved under the model's name?). Give the .safetensors file itself, or "
+                              "download it again.")
+    if kind == "pickle":
+        return UnsafeFileError(f"{start} a Python pickle (an old-style PyTorch checkpoint): {_PICKLE_ADVICE}")
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(p) as archive:  # reads the list of members only; nothing is unpickled
+                torch_zip = any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
+        except (OSError, zipfile.BadZipFile):
+            torch_zip = False
+        if torch_zip:
+            return UnsafeFileError(f"{start} a PyTorch checkpoint in torch.save's zip format (a pickle, as "
+                                   f".ckpt and .pt files are): {_PICKLE_ADVICE}")
+        return InputFileError(f"{start} a zip archive. Unpack it and give the .safetensors file inside.")
+    if kind == "lfs":
+        return InputFileError(f"{start} a Git LFS pointer, a small text file that stands for the real weights: "
+                              "the repository was cloned without Git LFS. Run `git lfs install` and then "
+                              "`git lfs pull` in that repository, or download the file itself.")
+    what = {"html": "a web page (HTML/XML)", "json": "JSON text", "text": "plain text"}[kind]
+    start = f"{start} {what}, starting {_excerpt(head)}"
+    if kind == "html":
+        return InputFileError(f"{start}: the download failed and the site's page (a login, error or expired-link "
+                              "page) was saved instead of the model. Download it again, logged in if the site "
+                              "asks, and check that the file's size is what the site says.")
+    if kind == "json":
+        return InputFileError(f"{start}: a download site's error reply saved under the model's name, or a "
+                              "metadata file (name.json, name.civitai.info) given instead of the model. Give the "
+                              ".safetensors file itself, or download it again, logged in if the site asks.")
+    return InputFileError(f"{start}: not model weights (a download's error message saved under the model's "
+                          "name?). Download the file again and check that its size is what the site says.")
+
+
+def _too_deep(raw: bytes, limit: int) -> bool:
+    """True when the JSON text ``raw`` nests more than ``limit`` levels, found without parsing it.
+
+    Brackets inside strings do not count: escapes go first, so the quotes left are the ones that open and close
+    strings; removing two adjacent quotes never moves a bracket into or out of a string, so the many strings
+    without brackets (names, dtypes) vanish at C speed, and the regex only meets the rare ones with brackets.
+    """
+    s = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_BRACKET_OR_QUOTE).replace(b'""', b"")
+    s = re.sub(rb'"[^"]*"', b"", s)
+    if re.search(rb"[\[{]{%d}" % (limit + 1), s):  # the usual attack, a long run of openers, costs one search
+        return True
+    return max(itertools.accumulate(memoryview(s.translate(_BRACKET_STEP)).cast("b")), default=0) > limit
+
+
+_NOT_BRACKET_OR_QUOTE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+_BRACKET_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+
+
 def _corrupt(p: Path, what: str) -> InputFileError:
     return InputFileError(f"{p} is not a valid safetensors file: {what}. The file is damaged or was cut off "
                           "while downloading: download or export it again.")
@@ -269,22 +376,32 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
     refuse_pickle(p)  # a pickle has no safetensors header; say why it is not read rather than "corrupt"
     try:
         size = p.stat().st_size
-        if size < 8:
-            raise InputFileError(f"{p} is {size} bytes long: too short to be a safetensors file (it is empty or "
-                                 "was cut off while downloading). Download or export it again.")
         with open(p, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
+            head = fh.read(SNIFF_BYTES)
+            n = struct.unpack("<Q", head[:8])[0] if size >= 8 else 0
+            # Only a file that cannot be safetensors is sniffed: a valid one may start with any length bytes.
+            if size < 8 or n > min(MAX_HEADER_BYTES, size - 8) or head[8:9] != b"{":
+                foreign = not_weights_error(p, head)
+                if foreign is not None:
+                    raise foreign
+            if size < 8:
+                raise InputFileError(f"{p} is {size} bytes long: too short to be a safetensors file (it is empty "
+                                     "or was cut off while downloading). Download or export it again.")
             if n > MAX_HEADER_BYTES:
-                raise _corrupt(p, f"its header length field says {n} bytes, larger than the {MAX_HEADER_BYTES} "
-                                  "byte limit for a safetensors header")
+                raise _corrupt(p, f"its header length field says {n:,} bytes, more than the safetensors limit of "
+                                  f"{MAX_HEADER_BYTES:,} bytes for a header")
             if n > size - 8:
                 raise _corrupt(p, f"its header claims {n} bytes but the file has only {size}; it is truncated")
+            fh.seek(8)
             raw = fh.read(n)
     except OSError as err:
         raise InputFileError(f"cannot read {p}: {err.strerror or err}. Check the file's permissions.") from err
+    if _too_deep(raw, MAX_HEADER_DEPTH):
+        raise _corrupt(p, f"its header nests more than {MAX_HEADER_DEPTH} levels deep (a safetensors header "
+                          "nests 3), so it is not a safetensors header")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: see _too_deep
         raise _corrupt(p, f"its header is not JSON ({err})") from err
     if not isinstance(header, dict):
         raise _corrupt(p, "its header is not a JSON object")

@@ -264,6 +264,15 @@ def sniff(head: bytes) -> str | None:
     return "json" if text.startswith(("{", "[")) else "text"
 
 
+def read_head(path: str | os.PathLike) -> bytes:
+    """The first ``SNIFF_BYTES`` of a file, for ``sniff``; empty if it cannot be read (the caller reports that)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(SNIFF_BYTES)
+    except OSError:
+        return b""
+
+
 def _excerpt(head: bytes) -> str:
     text = head.decode("utf-8", errors="replace").rstrip("\ufffd").lstrip("\ufeff \t\r\n")
     line = text.split("\n", 1)[0].rstrip("\r")
@@ -278,7 +287,8 @@ def not_weights_error(path: str | os.PathLike, head: bytes) -> InputFileError | 
     kind = sniff(head)
     if kind is None:
         return None
-    start = f"{p} is not a safetensors file: it is"
+    expected = "a PyTorch checkpoint" if p.suffix.lower() in PICKLE_SUFFIXES else "a safetensors file"
+    start = f"{p} is not {expected}: it is"
     if kind in ("png", "jpeg", "webp"):
         return InputFileError(f"{start} a {kind.upper().replace('WEBP', 'WebP')} picture, not model weights (a "
                               "preview image saved under the model's name?). Give the .safetensors file itself, or "
@@ -434,6 +444,21 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, metadata
 
 
+def weights_only_refusal(path: str | os.PathLike, err: BaseException) -> UnsafeFileError | None:
+    """The error to show when ``err`` (or an error it was raised from, as diffusers re-raises) is
+    ``torch.load(weights_only=True)`` refusing a pickle that holds more than tensors; None otherwise."""
+    while err is not None:
+        text = str(err)
+        if "weights_only" in text or "Weights only" in text:
+            found = re.search(r"GLOBAL (\S+)", text)
+            what = f" (it refers to {found.group(1)})" if found else ""
+            return UnsafeFileError(f"{path} holds objects other than plain tensors{what}, so it was not loaded: "
+                                   "torch.load(weights_only=True) refuses them, as unpickling them could run code. "
+                                   "Convert it to .safetensors with a tool you trust, or use another file.")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load weights from ``.safetensors`` (always) or a pickle format (only with ``allow_pickle``)."""
     p = Path(path)
@@ -442,12 +467,13 @@ def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as err:
-            if "weights_only" in str(err) or "Weights only" in str(err):
-                found = re.search(r"GLOBAL (\S+)", str(err))
-                what = f" (it refers to {found.group(1)})" if found else ""
-                raise UnsafeFileError(f"{p} holds objects other than plain tensors{what}, so it was not loaded: "
-                                      "torch.load(weights_only=True) refuses them, as unpickling them could run code. Convert it to .safetensors with a tool "
-                                      "you trust, or use another file.") from err
+            # first: torch's refusal of a Git LFS pointer or a web page named .ckpt also says "Weights only"
+            foreign = not_weights_error(p, read_head(p))
+            if foreign is not None and not isinstance(foreign, UnsafeFileError):
+                raise foreign from err
+            refused = weights_only_refusal(p, err)
+            if refused is not None:
+                raise refused from err
             raise InputFileError(f"{p} could not be read as a PyTorch checkpoint ({err}); it is damaged or not a "
                                  "checkpoint. Download it again, or use a .safetensors file.") from err
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

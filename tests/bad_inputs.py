@@ -208,11 +208,14 @@ def html_page(folder: Path) -> Path:
     return p
 
 
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 3438167536\n")
+
+
 def lfs_pointer(folder: Path) -> Path:
     """What `git clone` of a Hugging Face repository leaves without Git LFS."""
     p = Path(folder) / "pointer.safetensors"
-    p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
-                 "4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 3438167536\n")
+    p.write_text(LFS_POINTER)
     return p
 
 
@@ -314,6 +317,36 @@ SAFETENSORS_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...]
     "directory": (directory, (("folder",),)),
     "missing": (missing, (("does not exist",),)),
 }
+
+
+# --------------------------------------------------------------------------- diffusers folders
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def demo_copy(folder: Path) -> Path:
+    """A copy of the demo model's diffusers folder, to break."""
+    import shutil
+
+    from lora_studio.demo import ensure_demo_model
+
+    return Path(shutil.copytree(ensure_demo_model(), Path(folder) / "model"))
+
+
+def pickle_diffusers_folder(folder: Path, component: str = "unet", payload: object = None) -> Path:
+    """The demo model whose ``component`` weights are a pickle ``.bin`` (as older hub repositories hold them:
+    ``diffusion_pytorch_model.bin``, ``pytorch_model.bin``) and no ``.safetensors``; with ``payload``, the
+    pickle also holds that object."""
+    from safetensors.torch import load_file
+
+    model = demo_copy(folder)
+    weights = model / component / f"{WEIGHT_FILES[component]}.safetensors"
+    tensors: dict = load_file(str(weights))
+    if payload is not None:
+        tensors["payload"] = payload
+    torch.save(tensors, model / component / ("pytorch_model.bin" if component.startswith("text_encoder")
+                                             else "diffusion_pytorch_model.bin"))
+    weights.unlink()
+    return model
 
 
 # --------------------------------------------------------------------------- LoRA contents

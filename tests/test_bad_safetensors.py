@@ -120,6 +120,19 @@ def test_nesting_is_refused_before_parsing_and_counted_outside_strings(tmp_path,
     assert fileio.load_safetensors(path)[1]["[[["] == "]]]"
 
 
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_diffusers_folder_weights_go_through_the_checked_reader(component, tmp_path):
+    """A diffusers folder cloned without Git LFS (pointer files where the weights should be) says so and names
+    the file, as a single file does; before, the user got diffusers' "Error while deserializing header"."""
+    model = B.demo_copy(tmp_path)
+    weights = model / component / f"{B.WEIGHT_FILES[component]}.safetensors"
+    weights.write_text(B.LFS_POINTER)
+    with pytest.raises(InputFileError) as info:
+        load_pipeline(model)
+    B.assert_helpful(info.value, (("git lfs pointer",), ("git lfs pull",)), weights)
+    assert str(weights) in str(info.value)
+
+
 def test_header_reader_agrees_with_the_safetensors_library(tmp_path):
     """Each corrupt case the header check refuses, the library refuses too: the header check is not stricter
     than the format (the valid-file test above shows it accepts a good file)."""

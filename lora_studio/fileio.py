@@ -9,14 +9,17 @@ is something else (a saved web page, a Git LFS pointer, a picture, a pickle) is 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import re
+import socket
 import struct
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -72,6 +75,84 @@ def _umask() -> int:
     return mask
 
 
+# Temporary names: ".{final name}.{pid}-{host}.{8 random}.part". The pid and a tag of the machine let a later write
+# tell a killed writer's leftovers from a live writer's file; names without them are from earlier versions.
+# (".+?" is lazy so that a name with a pid is never read as an old one, the pid being part of ".+")
+_TEMP_NAME = re.compile(r"^\..+?\.(?:(\d+)-([0-9a-f]{6})\.)?[a-z0-9_]{8}\.part$")
+STALE_TEMP_S = 3600.0      # unmodified this long, a temporary no live process of this machine owns is stale
+DEAD_OWNER_GRACE_S = 60.0  # a dead owner's too: the pid may be of a container that shares the folder and host name
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _temp_prefix(final: Path) -> str:
+    # the name is cut so that the prefix and mkstemp's 13 characters fit a 255-byte file name
+    return f".{final.name.encode()[:200].decode('utf-8', 'ignore')}.{os.getpid()}-{_host_tag()}."
+
+
+def _owner_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` of this machine runs; None where that cannot be told (on Windows os.kill would
+    end the process, not probe it)."""
+    if os.name == "nt":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, OverflowError):
+        return None
+    return True
+
+
+def _last_change(path: Path) -> float:
+    """When a temporary file, or anything in a temporary folder, last changed (a folder's own time does not
+    change while a file inside one of its subfolders is written)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete what atomic writes that never finished (kill -9, a power cut) left in ``folder``; returns it.
+
+    Only names of this module's pattern are touched. One whose process (of this machine) still runs is kept
+    whatever its age; a dead process's is removed once unmodified for ``DEAD_OWNER_GRACE_S``; any other
+    (an earlier version's name, another machine's on a shared folder) once unmodified for ``STALE_TEMP_S``.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now, host = time.time(), _host_tag()
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or entry.is_symlink():
+            continue
+        path = Path(entry.path)
+        pid, tag = match.groups()
+        alive = _owner_alive(int(pid)) if pid and tag == host else None
+        try:
+            idle = now - _last_change(path)
+            if alive or idle < (DEAD_OWNER_GRACE_S if alive is False else STALE_TEMP_S):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:  # gone already (another writer cleaned up first) or not ours to delete: leave it
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
@@ -82,7 +163,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+        remove_stale_temps(final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=".part", dir=final.parent)
         os.close(fd)
     except OSError as err:
         raise ExportError(f"cannot write into {final.parent}: {err.strerror or err}. "
@@ -112,7 +194,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise ExportError(f"{final} exists and is not a folder; choose another name for the folder.")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+        remove_stale_temps(final.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".part", dir=final.parent))
     except OSError as err:
         raise ExportError(f"cannot write into {final.parent}: {err.strerror or err}. "
                           "Choose a folder you can write to.") from err

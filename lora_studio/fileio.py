@@ -84,7 +84,7 @@ DEAD_OWNER_GRACE_S = 60.0  # a dead owner's too: the pid may be of a container t
 
 
 def _host_tag() -> str:
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+    return hashlib.sha1(socket.gethostname().encode(), usedforsecurity=False).hexdigest()[:6]
 
 
 def _temp_prefix(final: Path) -> str:
@@ -382,7 +382,7 @@ def not_weights_error(path: str | os.PathLike, head: bytes) -> InputFileError | 
         try:
             with zipfile.ZipFile(p) as archive:  # reads the list of members only; nothing is unpickled
                 torch_zip = any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
-        except (OSError, zipfile.BadZipFile):
+        except Exception:  # a damaged zip raises several types; it is then no checkpoint torch could read either
             torch_zip = False
         if torch_zip:
             return UnsafeFileError(f"{start} a PyTorch checkpoint in torch.save's zip format (a pickle, as "

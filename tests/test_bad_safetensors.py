@@ -75,7 +75,7 @@ def test_header_bound_is_enforced_before_reading(tmp_path, monkeypatch):
     assert reads == [fileio.SNIFF_BYTES]
 
 
-def test_one_header_limit_the_libraries_checked_unread(tmp_path, monkeypatch):
+def test_header_limit_is_the_librarys_and_checked_unread(tmp_path, monkeypatch):
     """A length field just over the safetensors library's 100,000,000-byte bound (but under 100 MiB) is refused
     from the field alone, as the library refuses it, naming the limit; before, 100 MB were read and parsed."""
     from safetensors.torch import load_file

@@ -3,7 +3,8 @@
 Sources, in the order they are tried:
 
 * ``None`` or ``"demo"``: the built-in tiny demo model (SD1 structure).
-* a diffusers folder (with ``model_index.json``);
+* a diffusers folder (with ``model_index.json``); one whose weights are pickles (``.bin``, no ``.safetensors``)
+  only with ``allow_pickle=True``;
 * a single-file original-layout (ldm) ``.safetensors`` checkpoint, loaded fully offline with diffusers'
   ``from_single_file`` and the config folders shipped in ``lora_studio/configs`` (or ``config_dir``);
 * a pickle checkpoint (``.ckpt``/``.pt``/``.bin``/``.pth``) only with ``allow_pickle=True``, and then with
@@ -25,9 +26,10 @@ import torch
 
 from .configs import config_dir as shipped_config_dir
 from .configs import family_tokenizers
-from .errors import InputFileError, LoraStudioError
+from .errors import InputFileError, LoraStudioError, UnsafeFileError
 from .family import Family, family_of_pipeline
-from .fileio import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header, refuse_pickle
+from .fileio import (PICKLE_SUFFIXES, load_state_dict, not_weights_error, read_head, read_safetensors_header,
+                     refuse_pickle, weights_only_refusal)
 from .ldm import detect_family_from_ldm_keys
 from .progress import ProgressCallback, report
 from .demo import ensure_demo_model
@@ -35,6 +37,7 @@ from .demo import ensure_demo_model
 Kind = Literal["diffusers", "single_file", "hub", "pipeline"]
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts of a pipeline we load weights of
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -75,7 +78,36 @@ def _finish(pipe, source: str, kind: Kind, family: Family | None = None) -> Load
 
 
 # --------------------------------------------------------------------------- diffusers folders and hub ids
-def _load_diffusers_folder(folder: Path, source: str, dtype: torch.dtype) -> LoadedModel:
+def _check_component_weights(folder: Path, allow_pickle: bool) -> list[Path]:
+    """Check the weight files diffusers is about to read, so a damaged or wrong file, or a pickle, is named
+    here rather than in diffusers' "Unable to load weights" (which, for a pickle, it would otherwise unpickle).
+    Returns the pickles it will read (only with ``allow_pickle``).
+
+    Variant files (``name.fp16.safetensors``) are skipped: without ``variant=`` diffusers does not read them.
+    """
+    to_unpickle: list[Path] = []
+    for component in WEIGHT_COMPONENTS:
+        files = sorted(f for f in (folder / component).glob("*") if f.is_file() and "." not in f.stem)
+        safetensors = [f for f in files if f.suffix == ".safetensors"]
+        for f in safetensors:
+            read_safetensors_header(f)
+        pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if safetensors or not pickles:
+            continue
+        for f in pickles:  # a Git LFS pointer or a web page saved as .bin is no pickle: say what it is
+            foreign = not_weights_error(f, read_head(f))
+            if foreign is not None and not isinstance(foreign, UnsafeFileError):
+                raise foreign
+        if not allow_pickle:
+            raise UnsafeFileError(
+                f"{folder} stores its {component} weights only as {pickles[0].name}, a pickle: loading it means "
+                "unpickling, which can run arbitrary code. Use a copy of the model with .safetensors weights, or "
+                "pass --allow-pickle if you trust its source (it is then read with torch.load(weights_only=True)).")
+        to_unpickle += pickles
+    return to_unpickle
+
+
+def _load_diffusers_folder(folder: Path, source: str, dtype: torch.dtype, allow_pickle: bool = False) -> LoadedModel:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         weights = sorted(p.name for p in folder.glob("*.safetensors"))[:3]
@@ -87,11 +119,17 @@ def _load_diffusers_folder(folder: Path, source: str, dtype: torch.dtype) -> Loa
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputFileError(f"{index_path} cannot be read as JSON ({err}). Download the model again.") from err
     cls = _class_from_index(index, str(folder))
+    pickles = _check_component_weights(folder, allow_pickle)
     try:
-        pipe = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **_sd_extras(cls))
+        # use_safetensors=True: no pickle fallback in any part the check above does not cover
+        pipe = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                   use_safetensors=None if allow_pickle else True, **_sd_extras(cls))
     except LoraStudioError:
         raise
     except Exception as err:  # diffusers/transformers raise many types for missing or corrupt parts
+        refused = weights_only_refusal(pickles[0] if len(pickles) == 1 else folder, err)
+        if refused is not None:
+            raise refused from err
         raise InputFileError(f"could not load the diffusers model in {folder}: {err}. Check that every component "
                              "folder (unet, vae, text_encoder, tokenizer, scheduler) is complete.") from err
     return _finish(pipe, source, "diffusers")
@@ -214,7 +252,7 @@ def load_pipeline(source: str | Path | None = None, *, dtype: torch.dtype = torc
         path = Path(text).expanduser()
         cfg = Path(config_dir).expanduser() if config_dir else None
         if path.is_dir():
-            loaded = _load_diffusers_folder(path, text, dtype)
+            loaded = _load_diffusers_folder(path, text, dtype, allow_pickle)
         elif path.is_file():
             suffix = path.suffix.lower()
             if suffix == ".safetensors":

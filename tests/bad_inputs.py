@@ -178,6 +178,100 @@ def metadata_not_object(folder: Path) -> Path:
     return _edit(folder, "meta.safetensors", change)
 
 
+def deep_nesting(folder: Path) -> Path:
+    """A header of 100,000 nested lists (before the fix: RecursionError in the JSON parser)."""
+    body = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    return raw_safetensors(Path(folder) / "nested.safetensors", body, b"")
+
+
+def header_over_library_limit(folder: Path) -> Path:
+    """A length field of 100,000,001: over the safetensors library's 100 MB bound, under 100 MiB. The file is
+    sparse and that long, so a reader that trusted the field would read (and parse) 100 MB of zeros."""
+    p = Path(folder) / "overlimit.safetensors"
+    with open(p, "wb") as fh:
+        fh.write(struct.pack("<Q", 100_000_001))
+        fh.truncate(8 + 100_000_001 + 16)
+    return p
+
+
+# --------------------------------------------------------------------------- other files saved as .safetensors
+def json_reply(folder: Path) -> Path:
+    """What a download site answers instead of the file (saved by a script under the model's name)."""
+    p = Path(folder) / "api.safetensors"
+    p.write_text('{"error": "Unauthorized", "message": "log in to download this model"}')
+    return p
+
+
+def html_page(folder: Path) -> Path:
+    p = Path(folder) / "page.safetensors"
+    p.write_text("\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please sign in</body></html>\n")
+    return p
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 3438167536\n")
+
+
+def lfs_pointer(folder: Path) -> Path:
+    """What `git clone` of a Hugging Face repository leaves without Git LFS."""
+    p = Path(folder) / "pointer.safetensors"
+    p.write_text(LFS_POINTER)
+    return p
+
+
+def _picture(folder: Path, name: str, fmt: str) -> Path:
+    from PIL import Image
+
+    p = Path(folder) / name
+    with open(p, "wb") as fh:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(fh, format=fmt)
+    return p
+
+
+def png_picture(folder: Path) -> Path:
+    return _picture(folder, "preview.safetensors", "PNG")
+
+
+def jpeg_picture(folder: Path) -> Path:
+    return _picture(folder, "photo.safetensors", "JPEG")
+
+
+def webp_picture(folder: Path) -> Path:
+    return _picture(folder, "thumb.safetensors", "WEBP")
+
+
+def pickle_renamed(folder: Path) -> Path:
+    """An old-style (pre-zip) torch checkpoint, renamed .safetensors."""
+    p = Path(folder) / "old.safetensors"
+    torch.save({f"{MODULE}.lora_down.weight": torch.ones(2, 32)}, p, _use_new_zipfile_serialization=False)
+    return p
+
+
+def torch_zip_renamed(folder: Path) -> Path:
+    """A torch.save checkpoint (zip of data.pkl + tensors), renamed .safetensors."""
+    p = Path(folder) / "saved.safetensors"
+    torch.save({f"{MODULE}.lora_down.weight": torch.ones(2, 32)}, p)
+    return p
+
+
+def zip_archive(folder: Path) -> Path:
+    """A zip holding a LoRA (as some sites ship them), saved as .safetensors."""
+    import zipfile
+
+    p = Path(folder) / "bundle.safetensors"
+    with zipfile.ZipFile(p, "w") as archive:
+        archive.writestr("style.safetensors", write_valid(folder, "inner.safetensors").read_bytes())
+    (Path(folder) / "inner.safetensors").unlink()
+    return p
+
+
+def text_reply(folder: Path) -> Path:
+    """The Hugging Face hub's answer for a file that is not there."""
+    p = Path(folder) / "hub.safetensors"
+    p.write_text("Entry not found")
+    return p
+
+
 def directory(folder: Path) -> Path:
     p = Path(folder) / "folder.safetensors"
     p.mkdir()
@@ -208,9 +302,51 @@ SAFETENSORS_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...]
     "shape_malformed": (shape_malformed, (("shape",),)),
     "entry_malformed": (entry_malformed, (("malformed", "missing"),)),
     "metadata_not_object": (metadata_not_object, (("__metadata__",),)),
+    "deep_nesting": (deep_nesting, (("nests more than",), ("levels",))),
+    "header_over_library_limit": (header_over_library_limit, (("100,000,000",), ("limit",))),
+    "json_reply": (json_reply, (("json text",), ("unauthorized",))),
+    "html_page": (html_page, (("web page",), ("<!doctype html>",))),
+    "lfs_pointer": (lfs_pointer, (("git lfs pointer",), ("git lfs pull",))),
+    "png_picture": (png_picture, (("png picture",),)),
+    "jpeg_picture": (jpeg_picture, (("jpeg picture",),)),
+    "webp_picture": (webp_picture, (("webp picture",),)),
+    "pickle_renamed": (pickle_renamed, (("pickle",), ("unpickling",), ("allow-pickle",))),
+    "torch_zip_renamed": (torch_zip_renamed, (("pytorch checkpoint",), ("zip",), ("unpickling",))),
+    "zip_archive": (zip_archive, (("zip archive",), ("unpack",))),
+    "text_reply": (text_reply, (("plain text",), ("entry not found",))),
     "directory": (directory, (("folder",),)),
     "missing": (missing, (("does not exist",),)),
 }
+
+
+# --------------------------------------------------------------------------- diffusers folders
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def demo_copy(folder: Path) -> Path:
+    """A copy of the demo model's diffusers folder, to break."""
+    import shutil
+
+    from lora_studio.demo import ensure_demo_model
+
+    return Path(shutil.copytree(ensure_demo_model(), Path(folder) / "model"))
+
+
+def pickle_diffusers_folder(folder: Path, component: str = "unet", payload: object = None) -> Path:
+    """The demo model whose ``component`` weights are a pickle ``.bin`` (as older hub repositories hold them:
+    ``diffusion_pytorch_model.bin``, ``pytorch_model.bin``) and no ``.safetensors``; with ``payload``, the
+    pickle also holds that object."""
+    from safetensors.torch import load_file
+
+    model = demo_copy(folder)
+    weights = model / component / f"{WEIGHT_FILES[component]}.safetensors"
+    tensors: dict = load_file(str(weights))
+    if payload is not None:
+        tensors["payload"] = payload
+    torch.save(tensors, model / component / ("pytorch_model.bin" if component.startswith("text_encoder")
+                                             else "diffusion_pytorch_model.bin"))
+    weights.unlink()
+    return model
 
 
 # --------------------------------------------------------------------------- LoRA contents

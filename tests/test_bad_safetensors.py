@@ -71,7 +71,66 @@ def test_header_bound_is_enforced_before_reading(tmp_path, monkeypatch):
     with pytest.raises(InputFileError) as info:
         fileio.read_safetensors_header(path)
     B.assert_helpful(info.value, (("limit",),), path)
-    assert reads == [8], "only the 8-byte length field may be read"
+    # only the first bytes (the length field, and enough to tell what kind of file it is) may be read
+    assert reads == [fileio.SNIFF_BYTES]
+
+
+def test_header_limit_is_the_librarys_and_checked_unread(tmp_path, monkeypatch):
+    """A length field just over the safetensors library's 100,000,000-byte bound (but under 100 MiB) is refused
+    from the field alone, as the library refuses it, naming the limit; before, 100 MB were read and parsed."""
+    from safetensors.torch import load_file
+
+    path = B.header_over_library_limit(tmp_path)
+    with pytest.raises(Exception, match="too large"):
+        load_file(str(path))
+    reads = []
+    real_open = open
+
+    def counting_open(*a, **kw):
+        fh = real_open(*a, **kw)
+        real_read = fh.read
+        fh.read = lambda n=-1: reads.append(n) or real_read(n)  # noqa: E731
+        return fh
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    with pytest.raises(InputFileError) as info:
+        fileio.read_safetensors_header(path)
+    B.assert_helpful(info.value, (("limit of 100,000,000 bytes",),), path)
+    assert reads == [fileio.SNIFF_BYTES]
+
+
+def test_nesting_is_refused_before_parsing_and_counted_outside_strings(tmp_path, monkeypatch):
+    """Deep nesting is refused without the JSON parser (which would recurse once per level); brackets and
+    escaped quotes inside metadata strings are text, not nesting, so a valid file full of them still reads."""
+    def no_parse(*a, **kw):
+        raise AssertionError("the JSON parser was called on a too deeply nested header")
+
+    with monkeypatch.context() as m:
+        m.setattr(fileio.json, "loads", no_parse)
+        for depth in (fileio.MAX_HEADER_DEPTH, 100_000):  # + 1 level for the header object itself
+            body = b'{"a": ' + b"[" * depth + b"]" * depth + b"}"
+            path = B.raw_safetensors(tmp_path / f"deep{depth}.safetensors", body, b"")
+            with pytest.raises(InputFileError, match="nests more than"):
+                fileio.read_safetensors_header(path)
+    header, data = B.valid_parts()
+    odd = "[" * 40 + '\\"{' * 40 + "]" * 90 + '\\' + "{" * 30
+    header["__metadata__"].update({"ss_tag_frequency": odd, "[[[": "]]]"})
+    path = B.raw_safetensors(tmp_path / "brackets.safetensors", header, data)
+    assert fileio.read_safetensors_header(path)[1]["ss_tag_frequency"] == odd
+    assert fileio.load_safetensors(path)[1]["[[["] == "]]]"
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_diffusers_folder_weights_go_through_the_checked_reader(component, tmp_path):
+    """A diffusers folder cloned without Git LFS (pointer files where the weights should be) says so and names
+    the file, as a single file does; before, the user got diffusers' "Error while deserializing header"."""
+    model = B.demo_copy(tmp_path)
+    weights = model / component / f"{B.WEIGHT_FILES[component]}.safetensors"
+    weights.write_text(B.LFS_POINTER)
+    with pytest.raises(InputFileError) as info:
+        load_pipeline(model)
+    B.assert_helpful(info.value, (("git lfs pointer",), ("git lfs pull",)), weights)
+    assert str(weights) in str(info.value)
 
 
 def test_header_reader_agrees_with_the_safetensors_library(tmp_path):

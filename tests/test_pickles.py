@@ -9,7 +9,7 @@ import torch
 import bad_inputs as B
 from lora_studio import fileio
 from lora_studio.cli.main import main as cli_main
-from lora_studio.errors import UnsafeFileError
+from lora_studio.errors import InputFileError, UnsafeFileError
 from lora_studio.lora.formats import read_lora
 from lora_studio.lora.inspect import inspect_lora
 from lora_studio.mix import LoraMixer
@@ -73,8 +73,6 @@ def test_damaged_pickle_with_allow_pickle_is_a_clear_error(tmp_path):
     path = tmp_path / "cut.ckpt"
     good = B.plain_pickle(tmp_path, ".ckpt").read_bytes()
     path.write_bytes(good[: len(good) // 2])
-    from lora_studio.errors import InputFileError
-
     with pytest.raises(InputFileError) as info:
         fileio.load_state_dict(path, allow_pickle=True)
     B.assert_helpful(info.value, (("damaged",),), path)
@@ -90,3 +88,39 @@ def test_cli_refuses_and_runs_nothing(tmp_path, capsys):
                      "--out", str(tmp_path / "x.png")]) == 2
     assert "unpickling" in capsys.readouterr().err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_diffusers_folder_with_pickle_weights(component, tmp_path):
+    """A diffusers folder whose weights are only .bin pickles is refused by default, naming the file and
+    --allow-pickle (before, diffusers unpickled it without asking); allowed, it loads the same weights; a
+    hostile .bin is still refused, and runs nothing."""
+    folder = B.pickle_diffusers_folder(tmp_path / "plain", component)
+    bin_name = "pytorch_model.bin" if component == "text_encoder" else "diffusion_pytorch_model.bin"
+    with pytest.raises(UnsafeFileError) as info:
+        load_pipeline(folder)
+    B.assert_helpful(info.value, (("unpickling",), ("allow-pickle",), (bin_name,)), folder)
+
+    loaded = load_pipeline(folder, allow_pickle=True)
+    demo = load_pipeline("demo")
+    got, want = getattr(loaded.pipe, component).state_dict(), getattr(demo.pipe, component).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    marker = tmp_path / "code-ran.txt"
+    hostile = B.pickle_diffusers_folder(tmp_path / "hostile", component, payload=B.WritesMarker(marker))
+    for allow in (False, True):
+        with pytest.raises(UnsafeFileError) as info:
+            load_pipeline(hostile, allow_pickle=allow)
+    B.assert_helpful(info.value, (("objects other than plain tensors",), ("weights_only",)), hostile / component)
+    assert not marker.exists()
+
+
+def test_allow_pickle_names_a_file_that_is_no_pickle(tmp_path):
+    """A .ckpt that is really a Git LFS pointer (a clone without Git LFS) says so, rather than 'damaged'."""
+    path = tmp_path / "model.ckpt"
+    path.write_text(B.LFS_POINTER)
+    for read in (lambda: fileio.load_state_dict(path, allow_pickle=True),
+                 lambda: load_pipeline(path, allow_pickle=True)):
+        with pytest.raises(InputFileError) as info:
+            read()
+        B.assert_helpful(info.value, (("git lfs pointer",), ("git lfs pull",)), path)

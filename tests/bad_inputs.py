@@ -219,7 +219,7 @@ def lfs_pointer(folder: Path) -> Path:
     return p
 
 
-def _picture(folder: Path, name: str, fmt: str) -> Path:
+def _picture_as(folder: Path, name: str, fmt: str) -> Path:
     from PIL import Image
 
     p = Path(folder) / name
@@ -229,15 +229,15 @@ def _picture(folder: Path, name: str, fmt: str) -> Path:
 
 
 def png_picture(folder: Path) -> Path:
-    return _picture(folder, "preview.safetensors", "PNG")
+    return _picture_as(folder, "preview.safetensors", "PNG")
 
 
 def jpeg_picture(folder: Path) -> Path:
-    return _picture(folder, "photo.safetensors", "JPEG")
+    return _picture_as(folder, "photo.safetensors", "JPEG")
 
 
 def webp_picture(folder: Path) -> Path:
-    return _picture(folder, "thumb.safetensors", "WEBP")
+    return _picture_as(folder, "thumb.safetensors", "WEBP")
 
 
 def pickle_renamed(folder: Path) -> Path:

@@ -71,7 +71,7 @@ def real_loras() -> Path:
 @pytest.fixture()
 def lora_reads(monkeypatch) -> dict[str, int]:
     """Counts every LoRA file read: calls of the reader and of the safetensors loader under it (``["n"]``)."""
-    import lora_studio.fileio as fileio
+    import lora_studio.fileio.tensors as fileio
     import lora_studio.lora.formats as formats
     import lora_studio.mix.mixer as mix
 

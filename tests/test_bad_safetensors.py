@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import bad_inputs as B
-from lora_studio import fileio
+from lora_studio.fileio import tensors as fileio
 from lora_studio.errors import InputFileError
 from lora_studio.lora.formats import read_lora
 from lora_studio.lora.inspect import inspect_lora

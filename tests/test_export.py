@@ -136,7 +136,7 @@ def test_fp16_export_halves_the_file_and_stays_close(tmp_path):
 
 
 def test_interrupted_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    import lora_studio.fileio as fileio
+    import lora_studio.fileio.tensors as fileio
     from lora_studio.export import export_merged_checkpoint
 
     pipe = tiny_pipeline(Family.SD1)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import bad_inputs as B
-import lora_studio.fileio as fileio
+import lora_studio.fileio.tensors as fileio
 import lora_studio.train.trainer as trainer_mod
 from train_configs import tiny_config
 from lora_studio.demo import make_demo_dataset, random_demo_pipeline

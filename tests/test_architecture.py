@@ -121,3 +121,20 @@ def _absolute_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             names.add(node.module)
     return names
+
+
+def test_the_readme_layout_names_every_module_and_package():
+    """The README's layout section is the map of the tree: every top-level module and package of lora_studio is
+    named there."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):readme.index("Where this differs from the shared design notes")]
+    missing = []
+    for path in sorted(PACKAGE.iterdir()):
+        if path.name.startswith("_") or path.name == "assets":
+            continue
+        if path.is_dir() and (path / "__init__.py").exists():
+            if f"{path.name}/" not in layout:
+                missing.append(f"{path.name}/")
+        elif path.suffix == ".py" and path.name not in layout:
+            missing.append(path.name)
+    assert missing == [], f"add to the README's layout section: {missing}"

@@ -109,7 +109,7 @@ def _conv_shape_hint(mod: LoraModule) -> None:
     size is unknown, so take it from the layer name (SD's 3x3 convs) and record it in ``extra["weight_shape"]``
     for the rank math, which then writes a proper LoCon (down (r, in, 3, 3)). A wrong guess cannot pass
     silently: the element count must divide by 9."""
-    if mod.kind not in ("loha", "lokr") or "weight_shape" in mod.extra:
+    if not mod.spec.flattens_convs or "weight_shape" in mod.extra:
         return
     shape = natural_shape(mod)
     if len(shape) == 2 and mod.name.startswith("lora_unet_") and _CONV3.search(mod.name) and shape[1] % 9 == 0:

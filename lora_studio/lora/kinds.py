@@ -91,6 +91,7 @@ class Kind:
         raise NotImplementedError
 
     stores_factors = False   # whether ``low_rank`` returns the stored factors themselves (no wider than the layer)
+    flattens_convs = False   # whether a conv delta without a Tucker core comes out flattened to (out, in*kh*kw)
 
     def low_rank(self, ts: Tensors, scale: float) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(up, down, ratio)`` with ``raw_delta == ratio * up @ down`` (flattened to 2-D), exactly and without
@@ -147,6 +148,7 @@ class LoraKind(Kind):
 
 class LohaKind(Kind):
     name, label = "loha", "LoHa"
+    flattens_convs = True
     suffixes = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     factor_pairs = (("hada_w1_a", "hada_w1_b", "hada_t1"), ("hada_w2_a", "hada_w2_b", "hada_t2"))
 
@@ -190,6 +192,7 @@ def _kron_side(ts: Tensors, stem: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 class LokrKind(Kind):
     name, label = "lokr", "LoKr"
+    flattens_convs = True
     suffixes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     factor_pairs = (("lokr_w1_a", "lokr_w1_b", None), ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))
 

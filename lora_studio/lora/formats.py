@@ -11,6 +11,7 @@ The writer is ``writer.py``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -176,10 +177,7 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
         what = "only alpha/dora_scale, no weights" if not kinds else f"tensors of several kinds ({sorted(kinds)})"
         raise _fail(p, f"module {name} has {what}; keys", [f"{name}.{s}" for s in g])
     kind = kinds.pop()
-    if "alpha" in g and (g["alpha"].numel() == 0 or not bool(torch.isfinite(g["alpha"].float()).all())):
-        raise LoraFormatError(f"{p}: module {name} has alpha {g['alpha'].tolist()}; alpha must be one finite "
-                              "number. The file is damaged: download or export it again.")
-    alpha = float(g["alpha"].float().reshape(-1)[0]) if "alpha" in g else None
+    alpha = _alpha(p, name, g["alpha"]) if "alpha" in g else None
     tens = {s: t for s, t in g.items() if s != "alpha"}
     missing = []
     if kind == "lora":
@@ -216,6 +214,20 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
     return LoraModule(name, kind, tens, alpha, rank)
 
 
+def _alpha(p: Path, name: str, t: torch.Tensor) -> float:
+    """A module's alpha: exactly one finite real number (a float or integer tensor of any shape with one element;
+    kohya writes a 0-d scalar). A vector is refused rather than read as its first element."""
+    real = t.dtype != torch.bool and not t.is_complex()
+    value = float(t.reshape(-1)[0].float()) if real and t.numel() == 1 else float("nan")
+    if not math.isfinite(value):
+        shown = (t.float() if t.is_floating_point() else t).reshape(-1)[:8].tolist()
+        count = f"{t.numel()} value{'s' if t.numel() != 1 else ''}"
+        raise LoraFormatError(f"{p}: {name}.alpha holds {count} of {str(t.dtype).removeprefix('torch.')} "
+                              f"{shown}{' ...' if t.numel() > 8 else ''}; alpha must be one finite number. The "
+                              "file is damaged: download or export it again.")
+    return value
+
+
 # Factors that are multiplied (a @ b), with the Tucker core that joins them instead when present.
 FACTOR_PAIRS = (("hada_w1_a", "hada_w1_b", "hada_t1"), ("hada_w2_a", "hada_w2_b", "hada_t2"),
                 ("lokr_w1_a", "lokr_w1_b", None), ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))
@@ -227,6 +239,11 @@ def _check_factors(p: Path, name: str, g: dict[str, torch.Tensor]) -> None:
     def bad(why: str) -> LoraFormatError:
         return LoraFormatError(f"{p}: module {name} {why}. The file is damaged or of an unknown variant: "
                                "download or export it again.")
+    for s, t in g.items():  # integers, bools and complex numbers would be converted to float and applied
+        if s != "alpha" and not t.is_floating_point():
+            raise LoraFormatError(f"{p}: {name}.{s} is {str(t.dtype).removeprefix('torch.')}, but LoRA weights are "
+                                  "floating-point numbers (fp16, bf16, fp32, fp64 or fp8). The file is damaged or "
+                                  "not a LoRA: download or export it again.")
     for s, t in g.items():
         if s not in ("alpha", "dora_scale", "diff") and t.dim() not in (2, 4):
             raise bad(f"has {s} of shape {tuple(t.shape)}, but a LoRA factor has 2 dimensions (4 for a convolution)")

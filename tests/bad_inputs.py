@@ -336,6 +336,17 @@ def vector_alpha(folder: Path) -> Path:
     return lora_file(folder, "vecalpha.safetensors", t)
 
 
+def peft_alpha_not_a_number(folder: Path) -> Path:
+    """diffusers/peft layout whose ``lora_adapter_metadata`` gives lora_alpha as a list (before the fix: a
+    TypeError traceback from float())."""
+    t = lora_pair()
+    prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {f"{prefix}.lora_A.weight": t[f"{MODULE}.lora_down.weight"],
+               f"{prefix}.lora_B.weight": t[f"{MODULE}.lora_up.weight"]}
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": [4, 4]})}
+    return lora_file(folder, "peftalpha.safetensors", tensors, meta)
+
+
 # name -> (builder, message words); all must be refused by read_lora or by LoraMixer.add on the demo model
 LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]] = {
     "unknown_scheme": (unknown_scheme, (("known lora scheme",), ("encoder.layer1",))),
@@ -355,6 +366,7 @@ LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]
     "bool_factor": (bool_factor, ((f"{MODULE}.lora_down.weight",), ("bool",), ("floating-point",))),
     "complex_factor": (complex_factor, ((f"{MODULE}.lora_down.weight",), ("complex64",), ("floating-point",))),
     "vector_alpha": (vector_alpha, ((f"{MODULE}.alpha",), ("4 values",), ("one finite number",))),
+    "peft_alpha_not_a_number": (peft_alpha_not_a_number, (("unet.lora_alpha",), ("[4, 4]",), ("finite number",))),
 }
 
 

@@ -277,3 +277,24 @@ def test_factor_dtypes_and_alpha_forms_the_reader_takes_and_refuses(tmp_path):
         with pytest.raises(LoraFormatError) as info:
             read_lora(B.lora_file(tmp_path, "a.safetensors", {**base, alpha_key: alpha}))
         assert f"{alpha_key} holds {shown}" in str(info.value) and "one finite number" in str(info.value), name
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ({"unet.lora_alpha": "8"}, "unet.lora_alpha"),
+    ({"unet.lora_alpha": True}, "unet.lora_alpha"),
+    ({"unet.alpha_pattern": {"(": 2}}, "unet.alpha_pattern"),
+    ({"unet.alpha_pattern": ["to_q"]}, "unet.alpha_pattern"),
+    ({"unet.alpha_pattern": {"to_q": None}}, 'unet.alpha_pattern["to_q"]'),
+])
+def test_peft_alpha_metadata_that_is_not_a_number_is_refused_with_the_field_named(tmp_path, pipe, cfg, field):
+    import json
+
+    path = F.write_peft_lora(tmp_path / "p.safetensors", pipe, alpha=None, te=False)
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(cfg)})
+    with pytest.raises(LoraFormatError, match=f"field {__import__('re').escape(field)} is .*download"):
+        read_lora(path)
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({"unet.alpha_pattern": {"to_q": 2},
+                                                                                "unet.lora_alpha": 8})})
+    alphas = {n.endswith("to_q"): m.alpha for n, m in read_lora(path).modules.items()}
+    assert alphas == {True: 2.0, False: 8.0}

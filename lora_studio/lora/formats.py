@@ -273,8 +273,10 @@ def _group_kohya(p: Path, tensors: Mapping[str, torch.Tensor]
     return _split_modules(p, tensors, names), embeddings
 
 
-def _peft_alpha(metadata: Mapping[str, str], component: str, module: str) -> float | None:
-    """lora_alpha from diffusers' ``lora_adapter_metadata`` (peft LoraConfig fields prefixed by component)."""
+def _peft_alpha(p: Path, metadata: Mapping[str, str], component: str, module: str) -> float | None:
+    """lora_alpha from diffusers' ``lora_adapter_metadata`` (peft LoraConfig fields prefixed by component). An
+    alpha field that is not one finite number, or an ``alpha_pattern`` that is not a mapping of valid regular
+    expressions, is refused with the field named (a header that is not a JSON object is ignored)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
@@ -282,11 +284,30 @@ def _peft_alpha(metadata: Mapping[str, str], component: str, module: str) -> flo
         cfg = json.loads(raw)
     except json.JSONDecodeError:
         return None
-    for pattern, value in (cfg.get(f"{component}.alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
-            return float(value)
+    if not isinstance(cfg, dict):
+        return None
+
+    def bad(field: str, value: object, what: str) -> LoraFormatError:
+        return LoraFormatError(f"{p}: lora_adapter_metadata field {field} is {json.dumps(value)[:80]}, but it must "
+                               f"be {what}. The file is damaged: download or export it again.")
+
+    def number(field: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(field, value, "one finite number")
+        return float(value)
+
+    patterns = cfg.get(f"{component}.alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise bad(f"{component}.alpha_pattern", patterns, "a mapping of module patterns to alphas")
+    for pattern, value in patterns.items():
+        try:
+            hit = module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module)
+        except re.error as err:
+            raise bad(f"{component}.alpha_pattern", pattern, f"a regular expression ({err})") from err
+        if hit:
+            return number(f"{component}.alpha_pattern[{json.dumps(pattern)}]", value)
     alpha = cfg.get(f"{component}.lora_alpha")
-    return float(alpha) if alpha is not None else None
+    return number(f"{component}.lora_alpha", alpha) if alpha is not None else None
 
 
 def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, LoraModule]:
@@ -303,7 +324,7 @@ def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[
         if "dora_scale" in mod.tensors:  # peft keeps one magnitude per output ((out,) or conv (1, out, 1, 1))
             mod.tensors["dora_scale"] = mod.tensors["dora_scale"].reshape(-1)
         if mod.alpha is None:
-            alpha = _peft_alpha(metadata, comp, module)
+            alpha = _peft_alpha(p, metadata, comp, module)
             if alpha is not None:
                 mod.alpha = alpha
     return modules

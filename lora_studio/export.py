@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ExportError, InputFileError, StopRequested
-from .finite import nonfinite_names
+from .errors import ConfigError, InputFileError, StopRequested
+from .finite import refuse_nonfinite
 from .export_lora import ResizeReport, extract_lora, file_sha256, merge_loras, parse_dtype, resize_lora
 from .family import Family, family_of_pipeline
 from .fileio import atomic_dir, read_safetensors_header, save_safetensors_atomic
@@ -168,11 +168,11 @@ def _check_stop(stop: StopFlag | None, out: Path) -> None:
         raise StopRequested(f"export to {out} stopped on request; nothing was written.")
 
 
+OVERFLOW_REMEDY = "Lower the LoRA strengths, or export in fp32/bf16 if fp16 overflowed"
+
+
 def _check_finite(tensors, where: str) -> None:
-    bad = nonfinite_names(tensors)
-    if bad:
-        raise ExportError(f"refusing to write {where}: {len(bad)} merged tensors hold NaN or inf (e.g. {bad[0]}). "
-                          "Lower the LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was written.")
+    refuse_nonfinite(tensors, where, OVERFLOW_REMEDY)
 
 
 def _base_metadata(source: Path | None) -> dict[str, str]:

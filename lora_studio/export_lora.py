@@ -16,7 +16,6 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError, ExportError, LoraFormatError
-from .finite import nonfinite_names
 from .family import Family, family_from_metadata
 from .lora.formats import LoraModule
 from .lora.writer import kohya_metadata, save_kohya_lora
@@ -168,14 +167,6 @@ def _out_metadata(source: dict[str, str], family: Family, out: Path, modules: di
     return meta
 
 
-def _write(modules: dict[str, LoraModule], out: Path, meta: dict[str, str], dtype: torch.dtype | None) -> None:
-    bad = [k for k, m in modules.items() if nonfinite_names(m.tensors.items())]
-    if bad:
-        raise ExportError(f"refusing to write {out}: {len(bad)} modules have non-finite weights (e.g. {bad[0]}). "
-                          "Lower the strengths or check the inputs; nothing was written.")
-    save_kohya_lora(modules, out, meta, dtype)
-
-
 # --------------------------------------------------------------------------- operations
 def merge_loras(paths_with_strengths: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike,
                 method: str = "concat", rank_method: str = "energy", value: float = 0.99,
@@ -221,7 +212,7 @@ def merge_loras(paths_with_strengths: Sequence[tuple[str | os.PathLike, float]],
     if method == "svd":
         extra["lora_studio.rank_rule"] = {"method": rank_method, "value": value}
     meta = _out_metadata(first_meta or {}, family, out, merged, extra)
-    _write(merged, out, meta, parse_dtype(dtype))
+    save_kohya_lora(merged, out, meta, parse_dtype(dtype))  # refuses NaN/inf after the cast
     return ResizeReport(out, stats, summarize(stats) if stats else {"modules": len(merged)}, kind="merge",
                         notes=notes)
 
@@ -252,7 +243,7 @@ def resize_lora(path: str | os.PathLike, out: str | os.PathLike, method: str, va
              "lora_studio.rank_rule": {"method": method, "value": value},
              "lora_studio.resize_summary": summary}
     out_meta = _out_metadata(meta, guess_family(modules, fam), out, new, extra)
-    _write(new, out, out_meta, parse_dtype(dtype) or (src_dtype if src_dtype.is_floating_point else None))
+    save_kohya_lora(new, out, out_meta, parse_dtype(dtype) or (src_dtype if src_dtype.is_floating_point else None))
     return ResizeReport(out, stats, summary, kind="resize", notes=notes)
 
 
@@ -346,5 +337,5 @@ def extract_lora(tuned, base, out: str | os.PathLike, method: str = "energy", va
     extra = {"lora_studio.extracted_from": names, "lora_studio.rank_rule": {"method": method, "value": value},
              "lora_studio.extract_targets": targets, "lora_studio.resize_summary": summary}
     meta = _out_metadata({}, fam_b, out, modules, extra)
-    _write(modules, out, meta, parse_dtype(dtype))
+    save_kohya_lora(modules, out, meta, parse_dtype(dtype))
     return ResizeReport(out, stats, summary, kind="extract")

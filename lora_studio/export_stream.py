@@ -32,8 +32,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import ExportError, InputFileError, StopRequested
-from .finite import all_finite
+from .errors import InputFileError, StopRequested
+from .export import OVERFLOW_REMEDY
+from .finite import refuse_nonfinite
 from .family import Family
 from .fileio import TORCH_DTYPES, read_safetensors_header, read_safetensors_tensor, write_safetensors_streamed
 from .ldm import detect_family_from_ldm_keys, pipeline_to_ldm_state_dict
@@ -164,10 +165,9 @@ def _finished(layout, read, targets: dict, out: Path, progress: ProgressCallback
         t = read(key, shape)
         if key in targets:
             t = _merged(t, targets[key], key)
-        t = t.to(dtype)
-        if not all_finite(t):
-            raise ExportError(f"refusing to write {out}: merged tensor {key} holds NaN or inf. Lower the LoRA "
-                              "strengths, or export in fp32/bf16 if fp16 overflowed; nothing was written.")
+        cast = t.to(dtype)
+        refuse_nonfinite([(key, cast)], str(out), OVERFLOW_REMEDY, {key: t})
+        t = cast
         report(progress, "write", i, len(layout), key)
         yield t
 

@@ -336,6 +336,14 @@ def vector_alpha(folder: Path) -> Path:
     return lora_file(folder, "vecalpha.safetensors", t)
 
 
+def huge_alpha(folder: Path) -> Path:
+    """alpha 3e38: finite in fp32, so the reader takes it, but its delta is ~1e37, about 1e37 times the weight it
+    changes (before the fix: mixed in silently, and written as inf by a fp16 merge)."""
+    t = lora_pair()
+    t[f"{MODULE}.alpha"] = torch.tensor(3e38)
+    return lora_file(folder, "hugealpha.safetensors", t)
+
+
 def peft_alpha_not_a_number(folder: Path) -> Path:
     """diffusers/peft layout whose ``lora_adapter_metadata`` gives lora_alpha as a list (before the fix: a
     TypeError traceback from float())."""

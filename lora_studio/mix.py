@@ -11,6 +11,12 @@ mix (averaging up and down factors separately would add cross terms). Calling ``
 ``set_strength`` re-weights from the kept factors and the kept originals: no file is read and nothing drifts.
 ``restore()`` copies the original tensors back, so the base weights are bit-identical afterwards.
 
+``apply()`` refuses (``ExportError``, naming the layer and the file) a mix whose result is NaN/inf in fp32 or in
+the weight's dtype, and any LoRA whose delta at its strength has a Frobenius norm over ``MAX_DELTA_RATIO`` times
+that of the weight it changes: a delta as large as the weight already replaces the layer rather than adjusting
+it, so no working LoRA comes near that, while a broken alpha (3e38) or a typo'd strength (1e7) does. A refused
+apply leaves every weight exactly as it was before the call.
+
 Where W0 is kept (on the weight's device when there is room, else in CPU memory) is ``mix_originals``.
 
 Written by hand rather than through diffusers' ``set_adapters``/``fuse_lora`` because those reject LoHa/LoKr
@@ -31,20 +37,25 @@ multiply the UNet strength; only ``BASE`` touches the text encoders (times ``te_
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ExportError, LoraFormatError
+from .errors import ConfigError, ExportError, LoraFormatError, LoraStudioError
 from .family import Family, family_of_pipeline, require_same_family
+from .finite import all_finite
 from .lora.formats import LoraFile, LoraModule, read_lora
 from .lora.keys import UnetLayout, diffusers_unet_to_ldm, match_modules, pipeline_components, unet_block_of
 from .lora.math import module_delta
 from .mix_originals import keep_in_place, keep_original, put_back
 
 BLOCK_GROUPS = ("down", "mid", "up", "other")
+# A LoRA whose delta (at its strength) is larger than this many times the weight it changes would wreck the model.
+MAX_DELTA_RATIO = 1e4
+FLOOR_ROWS = 16  # rows of W0 measured with every newly touched weight (see LoraMixer._measure_originals)
 # The LoRA Block Weight extension's value lists, by length: which layer each value weighs.
 _IN, _OUT = [f"IN{i:02d}" for i in range(12)], [f"OUT{i:02d}" for i in range(12)]
 LBW_LAYOUTS = {
@@ -102,8 +113,11 @@ class LoraMixer:
         self._entries: dict[str, MixEntry] = {}
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
         self._written: dict[tuple[str, str], tuple] = {}  # what apply() last wrote into each weight
-        self._factors_cache: dict[tuple, tuple] = {}  # (id(module), device, dtype) -> (module, up, down, bound)
+        # (id(module), device, dtype) -> (module, up, down, bound, norm bound)
+        self._factors_cache: dict[tuple, tuple] = {}
         self._w0_absmax: dict[tuple[str, str], float] = {}  # for the fp16 overflow bound
+        self._w0_floor: dict[tuple[str, str], float] = {}  # norm of W0's first rows: at most ||W0||_F
+        self._w0_norm: dict[tuple[str, str], float] = {}  # ||W0||_F, the yardstick of MAX_DELTA_RATIO, when needed
         unet = self.components.get("unet")
         self._n_down = len(getattr(unet, "down_blocks", ()))
         self._n_up = len(getattr(unet, "up_blocks", ()))
@@ -225,10 +239,11 @@ class LoraMixer:
         return out
 
     def _factors(self, mod: LoraModule, device: torch.device, dtype: torch.dtype):
-        """``(up * alpha / r, down, bound)`` as 2-D tensors on ``device`` for a module whose delta is one matrix
-        product (LoRA, LoCon without a Tucker core, not DoRA), kept for the next ``apply()``; ``bound`` caps any
-        entry of ``up @ down`` (Cauchy-Schwarz: the largest row norm of up times the largest column norm of
-        down). ``None`` for other kinds, which take ``module_delta``."""
+        """``(up * alpha / r, down, bound, norm_bound)`` as 2-D tensors on ``device`` for a module whose delta is
+        one matrix product (LoRA, LoCon without a Tucker core, not DoRA), kept for the next ``apply()``; ``bound``
+        caps any entry of ``up @ down`` (Cauchy-Schwarz: the largest row norm of up times the largest column norm
+        of down) and ``norm_bound`` its Frobenius norm (``||up|| ||down||``). ``None`` for other kinds, which
+        take ``module_delta``."""
         if mod.kind not in ("lora", "locon") or "lora_mid.weight" in mod.tensors or "dora_scale" in mod.tensors:
             return None
         key = (id(mod), device, dtype)
@@ -237,14 +252,19 @@ class LoraMixer:
             return hit[1:]
         up = mod.tensors["lora_up.weight"].to(device=device, dtype=torch.float32).flatten(1) * mod.scale
         down = mod.tensors["lora_down.weight"].to(device=device, dtype=torch.float32).flatten(1)
-        bound = float(up.norm(dim=1).max() * down.norm(dim=0).max()) if up.numel() and down.numel() else 0.0
+        if up.numel() and down.numel():
+            rows, cols = up.norm(dim=1), down.norm(dim=0)  # ||up||_F is the norm of its row norms
+            bound, norm_bound = torch.stack([rows.max() * cols.max(), rows.norm() * cols.norm()]).tolist()
+        else:
+            bound, norm_bound = 0.0, 0.0
         up, down = up.to(dtype), down.to(dtype)
-        self._factors_cache[key] = (mod, up, down, bound)
-        return up, down, bound
+        self._factors_cache[key] = (mod, up, down, bound, norm_bound)
+        return up, down, bound, norm_bound
 
     def _apply_products(self, key, param: torch.Tensor, w0: torch.Tensor, terms) -> bool:
         """Write ``W0 + sum c * up @ down`` with ``addmm`` straight into ``param`` when every term is one low-rank
         product and the result provably stays finite; returns False to leave the layer to the general path.
+        Raises ``ExportError`` (writing nothing) for a term over ``MAX_DELTA_RATIO`` times the weight.
 
         No full-size delta is made and no full-size ``isfinite`` pass is needed (the bound rules overflow out),
         which is what makes apply and strength changes cheap. fp32 weights are computed exactly as the general
@@ -262,21 +282,26 @@ class LoraMixer:
             return False
         bound = sum(abs(c) * f[2] for c, f in prods)
         if param.dtype == torch.float16:
-            if key not in self._w0_absmax:
-                self._w0_absmax[key] = float(w0.abs().max()) if w0.numel() else 0.0
+            if key not in self._w0_absmax:  # the weight became fp16 after W0 was measured: no bound for it
+                return False
             bound += self._w0_absmax[key]
         if not bound < torch.finfo(param.dtype).max / 4:  # also False for nan/inf
             return False
+        for (c, f), (_, m) in zip(prods, terms):  # the cheap bound first, the exact norm only near the limit
+            if not self._within_limit(key, abs(c) * f[3]):
+                size = abs(c) * _product_norm(m)
+                if not self._within_limit(key, size):
+                    raise self._too_large(key, c, m, size)
         out = param.view(rows, cols)
         base = w0.to(param.device).view(rows, cols)
         if param.dtype == mm_dtype:
-            (c0, (u0, d0, _)), rest = prods[0], prods[1:]
+            (c0, (u0, d0, *_)), rest = prods[0], prods[1:]
             torch.addmm(base, u0, d0, alpha=c0, out=out)
-            for c, (u, d, _) in rest:
+            for c, (u, d, *_) in rest:
                 out.addmm_(u, d, alpha=c)
         else:
             acc = base.to(torch.float32, copy=True)
-            for c, (u, d, _) in prods:
+            for c, (u, d, *_) in prods:
                 acc.addmm_(u, d, alpha=c)
             out.copy_(acc)
         return True
@@ -287,47 +312,151 @@ class LoraMixer:
 
         Only weights whose terms changed since the last ``apply()`` are recomputed, so moving one LoRA's
         text-encoder strength or one block weight costs only those layers. The weights are assumed to be
-        changed by nobody else in between (``restore()`` first if they were)."""
+        changed by nobody else in between (``restore()`` first if they were). A refused mix (see the module
+        docstring) raises ``ExportError`` and leaves every weight as it was before the call."""
         contribs = self.contributions()
+        for key, items in contribs.items():  # before anything is written: add_ raises RuntimeError beyond float32
+            for coeff, _ in items:
+                if not abs(coeff) <= torch.finfo(torch.float32).max:
+                    raise ExportError(f"strength {coeff:g} on {key[0]}.{key[1]} is beyond float32's range; "
+                                      "lower the strengths (the weights were left as they were).")
         fresh = {key: self._weight(key) for key in contribs if key not in self._originals}
         in_place = keep_in_place(list(fresh.values()), self.keep_originals_on_device)
         for key, param in fresh.items():
             self._originals[key] = keep_original(param, in_place[param.device])
+        before = dict(self._written)
         try:
+            self._measure_originals(list(fresh))
             self._write(contribs)
+        except LoraStudioError:  # a refused mix: what this call wrote goes back to what was there
+            self._roll_back(before)
+            raise
         finally:  # a layer that was never written (an error came first) gets its own tensor back
             for key in fresh:
                 if key not in self._written:
                     put_back(self._weight(key), self._originals.pop(key))
 
+    def _measure_originals(self, keys: list[tuple[str, str]]) -> None:
+        """For newly touched weights, the norm of W0's first ``FLOOR_ROWS`` rows (a lower bound of ||W0||_F that
+        settles the ratio check for any working LoRA without reading all of W0) and, for fp16, the largest |W0|;
+        one host sync per device."""
+        by_device: dict[torch.device, list] = {}
+        for key in keys:
+            w0 = self._originals[key]
+            stats = [torch.linalg.vector_norm(w0[:FLOOR_ROWS], dtype=torch.float32)]
+            if w0.dtype == torch.float16:
+                stats.append(w0.abs().max().float() if w0.numel() else torch.zeros((), device=w0.device))
+            by_device.setdefault(w0.device, []).append((key, torch.stack(stats)))
+        for items in by_device.values():
+            values, at = torch.cat([t for _, t in items]).tolist(), 0
+            for key, t in items:
+                self._w0_floor[key] = values[at]
+                if len(t) > 1:
+                    self._w0_absmax[key] = values[at + 1]
+                at += len(t)
+
+    def _within_limit(self, key: tuple[str, str], size: float) -> bool:
+        """Whether a delta of Frobenius norm ``size`` may go on this weight: at most ``MAX_DELTA_RATIO`` times
+        ||W0||_F (no limit for an all-zero W0). The full norm is read only when the floor does not settle it."""
+        if size <= MAX_DELTA_RATIO * self._w0_floor[key]:
+            return True
+        if key not in self._w0_norm:
+            self._w0_norm[key] = float(torch.linalg.vector_norm(self._originals[key], dtype=torch.float32))
+        norm = self._w0_norm[key]
+        return not math.isnan(size) and (norm == 0 or size <= MAX_DELTA_RATIO * norm)
+
+    def _source(self, mod: LoraModule) -> str:
+        """The file (or mix name) a module comes from, for messages."""
+        for e in self._entries.values():
+            if e.lora.modules.get(mod.name) is mod:
+                return e.path.name if e.path is not None else e.name
+        return mod.name
+
+    def _too_large(self, key: tuple[str, str], coeff: float, mod: LoraModule, size: float) -> ExportError:
+        layer, norm = f"{key[0]}.{key[1]}", self._w0_norm[key]  # measured by _within_limit
+        if not math.isfinite(size):
+            what = "gives NaN or inf (values out of float32's range)"
+        else:
+            what = (f"would change it by {size / norm:.3g} times the weight's own size (Frobenius norm {norm:.3g}; "
+                    f"the limit is {MAX_DELTA_RATIO:g} times): that wrecks the model")
+        alpha = f" (its alpha is {mod.alpha:g} for rank {mod.rank})" if mod.alpha is not None and mod.rank else ""
+        return ExportError(f"LoRA {self._source(mod)} at strength {coeff:g} on {layer} (module {mod.name}) {what}"
+                           f"{alpha}: lower the strengths, or check the file, which may be damaged. Nothing was "
+                           "applied; the weights were left as they were.")
+
     def _write(self, contribs) -> None:
+        pending = []  # general-path checks, left on the device and read with one host sync after the loop
         for key, w0 in self._originals.items():
-            param = self._weight(key)
             terms = [(c, m) for c, m in contribs.get(key, []) if c != 0.0]
             last = self._written.get(key)  # holds the modules themselves, so an id is never reused
             if last is not None and len(last) == len(terms) and all(
                     c0 == c1 and m0 is m1 for (c0, m0), (c1, m1) in zip(last, terms)):
                 continue  # unchanged since the last apply(): nothing to compute
-            if not terms:
-                param.copy_(w0)
-                self._written[key] = ()
-                continue
-            if self._apply_products(key, param, w0, terms):
-                self._written[key] = tuple(terms)
-                continue
+            check = self._write_one(key, w0, terms)
+            if check is not None:
+                pending.append(check)
+        self._check(pending)
+
+    def _write_one(self, key, w0: torch.Tensor, terms: list) -> tuple | None:
+        """Write one weight and record its terms; returns the general path's on-device checks (or None)."""
+        param = self._weight(key)
+        self._written.pop(key, None)  # until written, the weight does not hold these terms
+        if not terms:
+            param.copy_(w0)
+        elif not self._apply_products(key, param, w0, terms):
             acc = w0.to(device=param.device, dtype=torch.float32, copy=True)
+            sizes = []
             for coeff, mod in terms:
-                if not abs(coeff) <= torch.finfo(torch.float32).max:  # add_ raises RuntimeError beyond float32
-                    raise ExportError(f"strength {coeff:g} on {key[0]}.{key[1]} is beyond float32's range; "
-                                      "lower the strengths (the weights of this layer were left as they were).")
-                acc.add_(module_delta(mod, tuple(w0.shape), base=w0, device=param.device),
-                         alpha=coeff)
+                delta = module_delta(mod, tuple(w0.shape), base=w0, device=param.device)
+                sizes.append(torch.linalg.vector_norm(delta))  # fp32 is faster; _check redoes an overflow in fp64
+                acc.add_(delta, alpha=coeff)
             new = acc.to(param.dtype)
-            if not bool(torch.isfinite(new).all()):
-                raise ExportError(f"the mix gives values out of {param.dtype}'s range in {key[0]}.{key[1]}; "
-                                  "lower the strengths (the weights of this layer were left as they were).")
             param.copy_(new)
             self._written[key] = tuple(terms)
+            # one sum, not isfinite().all(): a finite sum proves every element finite (see finite.py)
+            return key, terms, torch.stack([*sizes, new.sum(dtype=torch.float32)])
+        self._written[key] = tuple(terms)
+        return None
+
+    def _check(self, pending: list) -> None:
+        """Raise for the first general-path weight whose LoRA delta is too large or whose result is NaN/inf."""
+        if not pending:
+            return
+        by_device: dict[torch.device, list] = {}
+        for item in pending:
+            by_device.setdefault(item[2].device, []).append(item)
+        for items in by_device.values():
+            values = torch.cat([v for *_, v in items]).tolist()
+            at = 0
+            for key, terms, v in items:
+                got, at = values[at:at + len(v)], at + len(v)
+                for (coeff, mod), norm in zip(terms, got):
+                    size = abs(coeff) * norm
+                    if not self._within_limit(key, size):
+                        if not math.isfinite(size):  # NaN/inf in the delta, or a norm beyond fp32: measure in fp64
+                            w0 = self._originals[key]
+                            size = abs(coeff) * float(_norm(module_delta(mod, tuple(w0.shape), base=w0)))
+                        if not self._within_limit(key, size):
+                            raise self._too_large(key, coeff, mod, size)
+                if not math.isfinite(got[-1]) and not all_finite(self._weight(key)):
+                    param = self._weight(key)
+                    files = ", ".join(dict.fromkeys(self._source(m) for _, m in terms))
+                    raise ExportError(f"the mix gives values out of {param.dtype}'s range in {key[0]}.{key[1]} "
+                                      f"(LoRAs: {files}); lower the strengths. Nothing was applied; the weights "
+                                      "were left as they were.")
+
+    def _roll_back(self, before: dict) -> None:
+        """Put back what ``apply()`` found: W0, or the earlier mix recomputed from its terms (the same arithmetic
+        on the same inputs, so the same bits), for each weight this call wrote."""
+        for key, terms in list(self._written.items()):
+            if before.get(key) is not terms:
+                if key in before:
+                    self._write_one(key, self._originals[key], list(before[key]))
+                else:
+                    del self._written[key]  # a weight first touched by this call: apply() puts W0 back
+        for key, terms in before.items():  # written as far as clearing, then refused
+            if key not in self._written:
+                self._write_one(key, self._originals[key], list(terms))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -337,6 +466,8 @@ class LoraMixer:
         self._originals.clear()
         self._written.clear()
         self._w0_absmax.clear()
+        self._w0_floor.clear()
+        self._w0_norm.clear()
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> str:
@@ -355,3 +486,16 @@ class LoraMixer:
             if len(e.unmatched) > 20:
                 lines.append(f"    ... and {len(e.unmatched) - 20} more unmatched")
         return "\n".join(lines)
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm summed in fp64, so that finite fp32 values (a delta of 1e37) do not overflow it to inf."""
+    return torch.linalg.vector_norm(t, dtype=torch.float64)
+
+
+def _product_norm(mod: LoraModule) -> float:
+    """The exact Frobenius norm of ``up @ down * alpha / r`` from the r x r Gram matrices (fp64, no full-size
+    product): ``||U D||^2 = sum((U^T U) * (D D^T))``."""
+    up = mod.tensors["lora_up.weight"].flatten(1).double()
+    down = mod.tensors["lora_down.weight"].flatten(1).double()
+    return float(((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt()) * abs(mod.scale)

@@ -375,7 +375,12 @@ LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]
     "complex_factor": (complex_factor, ((f"{MODULE}.lora_down.weight",), ("complex64",), ("floating-point",))),
     "vector_alpha": (vector_alpha, ((f"{MODULE}.alpha",), ("4 values",), ("one finite number",))),
     "peft_alpha_not_a_number": (peft_alpha_not_a_number, (("unet.lora_alpha",), ("[4, 4]",), ("finite number",))),
+    "huge_alpha": (huge_alpha, ((MODULE,), ("hugealpha.safetensors",), ("times",), ("lower the strength",))),
 }
+# refused only where the base model is known: the reader cannot tell these from good files (the first by
+# LoraMixer.add, the rest by LoraMixer.apply, which measures each delta against the weight it changes)
+REFUSED_BY_APPLY = ("huge_alpha",)
+NEEDS_BASE_MODEL = ("shape_mismatch", *REFUSED_BY_APPLY)
 
 
 # --------------------------------------------------------------------------- pickles

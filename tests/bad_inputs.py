@@ -444,6 +444,53 @@ def nan_alpha(folder: Path) -> Path:
     return lora_file(folder, "nanalpha.safetensors", t)
 
 
+def _factor_as(folder: Path, name: str, dtype: torch.dtype) -> Path:
+    t = lora_pair()
+    t[f"{MODULE}.lora_down.weight"] = (t[f"{MODULE}.lora_down.weight"] * 100).to(dtype)
+    return lora_file(folder, name, t)
+
+
+def int_factor(folder: Path) -> Path:
+    """lora_down stored as int32 (before the fix: converted to float and applied)."""
+    return _factor_as(folder, "int.safetensors", torch.int32)
+
+
+def bool_factor(folder: Path) -> Path:
+    """lora_down stored as bool (before the fix: applied as 0/1)."""
+    return _factor_as(folder, "bool.safetensors", torch.bool)
+
+
+def complex_factor(folder: Path) -> Path:
+    """lora_down stored as complex64 (before the fix: its imaginary part dropped and the rest applied)."""
+    return _factor_as(folder, "complex.safetensors", torch.complex64)
+
+
+def vector_alpha(folder: Path) -> Path:
+    """alpha stored as a vector of 4 values (before the fix: its first element was used)."""
+    t = lora_pair()
+    t[f"{MODULE}.alpha"] = torch.tensor([2.0, 5.0, 5.0, 5.0])
+    return lora_file(folder, "vecalpha.safetensors", t)
+
+
+def huge_alpha(folder: Path) -> Path:
+    """alpha 3e38: finite in fp32, so the reader takes it, but its delta is ~1e37, about 1e37 times the weight it
+    changes (before the fix: mixed in silently, and written as inf by a fp16 merge)."""
+    t = lora_pair()
+    t[f"{MODULE}.alpha"] = torch.tensor(3e38)
+    return lora_file(folder, "hugealpha.safetensors", t)
+
+
+def peft_alpha_not_a_number(folder: Path) -> Path:
+    """diffusers/peft layout whose ``lora_adapter_metadata`` gives lora_alpha as a list (before the fix: a
+    TypeError traceback from float())."""
+    t = lora_pair()
+    prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {f"{prefix}.lora_A.weight": t[f"{MODULE}.lora_down.weight"],
+               f"{prefix}.lora_B.weight": t[f"{MODULE}.lora_up.weight"]}
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": [4, 4]})}
+    return lora_file(folder, "peftalpha.safetensors", tensors, meta)
+
+
 # name -> (builder, message words); all must be refused by read_lora or by LoraMixer.add on the demo model
 LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]] = {
     "unknown_scheme": (unknown_scheme, (("known lora scheme",), ("encoder.layer1",))),
@@ -459,7 +506,17 @@ LORA_CASES: dict[str, tuple[Callable[[Path], Path], tuple[tuple[str, ...], ...]]
     "scalar_factor": (scalar_factor, (("lora_down",), ("2 dimensions",))),
     "empty_alpha": (empty_alpha, (("alpha",), ("finite number",))),
     "nan_alpha": (nan_alpha, (("alpha",), ("finite number",))),
+    "int_factor": (int_factor, ((f"{MODULE}.lora_down.weight",), ("int32",), ("floating-point",))),
+    "bool_factor": (bool_factor, ((f"{MODULE}.lora_down.weight",), ("bool",), ("floating-point",))),
+    "complex_factor": (complex_factor, ((f"{MODULE}.lora_down.weight",), ("complex64",), ("floating-point",))),
+    "vector_alpha": (vector_alpha, ((f"{MODULE}.alpha",), ("4 values",), ("one finite number",))),
+    "peft_alpha_not_a_number": (peft_alpha_not_a_number, (("unet.lora_alpha",), ("[4, 4]",), ("finite number",))),
+    "huge_alpha": (huge_alpha, ((MODULE,), ("hugealpha.safetensors",), ("times",), ("lower the strength",))),
 }
+# refused only where the base model is known: the reader cannot tell these from good files (the first by
+# LoraMixer.add, the rest by LoraMixer.apply, which measures each delta against the weight it changes)
+REFUSED_BY_APPLY = ("huge_alpha",)
+NEEDS_BASE_MODEL = ("shape_mismatch", *REFUSED_BY_APPLY)
 
 
 # --------------------------------------------------------------------------- pickles

@@ -246,3 +246,55 @@ def test_bundled_embeddings_are_kept_and_reported(tmp_path, pipe):
         mixer.add(lf)
     mixer.add(lf, allow_partial=True)
     assert mixer.entries[0].unmatched == ["<embedding sks.string_to_param.*>"]
+
+
+FLOAT_FACTORS = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn]
+GOOD_ALPHAS = {"0-d float": torch.tensor(4.0), "(1,) float": torch.tensor([4.0]), "(1, 1) fp16": torch.ones(1, 1) * 4,
+               "0-d int64": torch.tensor(4)}
+BAD_ALPHAS = {"vector": (torch.tensor([4.0, 1.0]), "2 values of float32 [4.0, 1.0]"),
+              "bool": (torch.tensor(True), "1 value of bool [True]"),
+              "complex": (torch.tensor(4 + 0j, dtype=torch.complex64), "1 value of complex64")}
+
+
+def test_factor_dtypes_and_alpha_forms_the_reader_takes_and_refuses(tmp_path):
+    """Factors of every floating dtype read; integer, bool and complex factors are refused with the key named.
+    An alpha is one real number in any shape with one element; a vector, a bool or a complex is refused."""
+    import bad_inputs as B
+
+    base = B.lora_pair()
+    down_key, alpha_key = f"{B.MODULE}.lora_down.weight", f"{B.MODULE}.alpha"
+    for dtype in FLOAT_FACTORS:
+        mod = read_lora(B.lora_file(tmp_path, "f.safetensors", {**base, down_key: base[down_key].to(dtype)})
+                        ).modules[B.MODULE]
+        assert mod.tensors["lora_down.weight"].dtype == dtype
+    for dtype in (torch.int8, torch.int64, torch.uint8, torch.bool, torch.complex64):
+        with pytest.raises(LoraFormatError, match=f"{down_key} is {str(dtype)[6:]}, but LoRA weights are floating"):
+            read_lora(B.lora_file(tmp_path, "f.safetensors", {**base, down_key: base[down_key].to(dtype)}))
+    for name, alpha in GOOD_ALPHAS.items():
+        assert read_lora(B.lora_file(tmp_path, "a.safetensors", {**base, alpha_key: alpha})
+                         ).modules[B.MODULE].alpha == 4.0, name
+    for name, (alpha, shown) in BAD_ALPHAS.items():
+        with pytest.raises(LoraFormatError) as info:
+            read_lora(B.lora_file(tmp_path, "a.safetensors", {**base, alpha_key: alpha}))
+        assert f"{alpha_key} holds {shown}" in str(info.value) and "one finite number" in str(info.value), name
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ({"unet.lora_alpha": "8"}, "unet.lora_alpha"),
+    ({"unet.lora_alpha": True}, "unet.lora_alpha"),
+    ({"unet.alpha_pattern": {"(": 2}}, "unet.alpha_pattern"),
+    ({"unet.alpha_pattern": ["to_q"]}, "unet.alpha_pattern"),
+    ({"unet.alpha_pattern": {"to_q": None}}, 'unet.alpha_pattern["to_q"]'),
+])
+def test_peft_alpha_metadata_that_is_not_a_number_is_refused_with_the_field_named(tmp_path, pipe, cfg, field):
+    import json
+
+    path = F.write_peft_lora(tmp_path / "p.safetensors", pipe, alpha=None, te=False)
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(cfg)})
+    with pytest.raises(LoraFormatError, match=f"field {__import__('re').escape(field)} is .*download"):
+        read_lora(path)
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({"unet.alpha_pattern": {"to_q": 2},
+                                                                                "unet.lora_alpha": 8})})
+    alphas = {n.endswith("to_q"): m.alpha for n, m in read_lora(path).modules.items()}
+    assert alphas == {True: 2.0, False: 8.0}

@@ -477,3 +477,106 @@ def test_the_mixer_passes_its_keep_originals_option_on(pipe, tmp_path, monkeypat
     mixer.apply()  # nothing fresh the second time
     mixer.restore()
     assert seen[0][0] > 0 and seen[0][1] is False and all(n == 0 for n, _ in seen[1:])
+
+
+def _wrecking_twin(tmp_path, pipe, file, mixer, kind: str):
+    """A one-module LoRA on the weight the mixer writes last, far too large for it: that module of ``file`` with
+    alpha 1e12 ("product": the addmm path) or a plain diff of 1e30 ("full": the general path). Returns the
+    file, its kohya module name and the weight's key."""
+    from safetensors.torch import save_file
+
+    key = list(mixer._originals)[-1]
+    name = next(n for n, k in mixer.entries[0].targets.items() if k == key)
+    if kind == "product":
+        tensors = {k: v for k, v in load_file(str(file)).items() if k.startswith(name + ".")}
+        tensors[f"{name}.alpha"] = torch.tensor(1e12)
+    else:
+        weight = getattr(pipe, key[0]).get_submodule(key[1]).weight
+        tensors = {f"{name}.diff": torch.full(tuple(weight.shape), 1e30)}
+    save_file(tensors, str(tmp_path / "wreck.safetensors"))
+    return tmp_path / "wreck.safetensors", name, key
+
+
+@pytest.mark.parametrize("kind", ["product", "full"])
+def test_lora_that_would_wreck_a_weight_is_refused_and_the_mix_stays_as_it_was(tmp_path, pipe, kind):
+    """A LoRA whose delta at its strength is over MAX_DELTA_RATIO times the weight's norm is refused, with the
+    file, the module and the ratio named; every weight keeps exactly what the last good apply() wrote, though
+    all the others were rewritten (new strength) before the bad one was reached."""
+    from lora_studio.errors import ExportError
+    from lora_studio.lora.formats import read_lora
+    from lora_studio.lora.math import module_delta
+
+    w0 = params(pipe)
+    a = write_kohya_lora(tmp_path / "a.safetensors", pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(a)
+    mixer.apply()
+    mixed = params(pipe)
+    bad, name, key = _wrecking_twin(tmp_path, pipe, a, mixer, kind)
+    mixer.set_strength("a", unet=0.5)
+    mixer.add(bad, name="wreck", strength=0.7)
+    with pytest.raises(ExportError) as info:
+        mixer.apply()
+    msg = str(info.value)
+    assert f"LoRA wreck.safetensors at strength 0.7 on {key[0]}.{key[1]} (module {name})" in msg
+    assert "limit is 10000 times" in msg and "lower the strengths" in msg and "left as they were" in msg
+    base = w0[f"{key[0]}.{key[1]}.weight"]
+    delta = module_delta(read_lora(bad).modules[name], tuple(base.shape)).double() * 0.7
+    ratio = float(msg.split("would change it by ")[1].split(" times")[0])
+    assert ratio == pytest.approx(float(delta.norm() / base.double().norm()), rel=1e-3)
+    assert all(torch.equal(v, mixed[k]) for k, v in params(pipe).items())
+    mixer.remove("wreck")
+    mixer.apply()
+    half = params(pipe)
+    assert not torch.equal(half[f"{key[0]}.{key[1]}.weight"], mixed[f"{key[0]}.{key[1]}.weight"])
+    mixer.restore()
+    assert all(torch.equal(v, w0[k]) for k, v in params(pipe).items())
+
+
+def test_mix_beyond_fp16_names_the_layer_and_files_and_changes_nothing(tmp_path, pipe):
+    """Deltas well under the ratio limit can still pass fp16's 65504 on a weight of large values: refused after
+    the cast, naming the layer and the files, with the earlier mix kept and a first-touched weight back at W0."""
+    import bad_inputs as B
+    from lora_studio.errors import ExportError
+
+    pipe.unet.half()
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    with torch.no_grad():
+        layer.weight.fill_(6e4)
+    w0 = params(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(write_kohya_lora(tmp_path / "a.safetensors", pipe, te=False))
+    mixer.apply()
+    mixed = params(pipe)
+    tensors = B.lora_pair()
+    tensors[f"{B.MODULE}.alpha"] = torch.tensor(2e6)  # deltas of ~1e4 on weights of 6e4: 0.3 times their norm
+    mixer.add(B.lora_file(tmp_path, "big.safetensors", tensors))
+    with pytest.raises(ExportError) as info:
+        mixer.apply()
+    B.assert_helpful(info.value, (("out of torch.float16's range",), ("attn1.to_q",), ("a.safetensors, big",)))
+    assert all(torch.equal(v, mixed[k]) for k, v in params(pipe).items())
+    mixer.restore()
+    assert all(torch.equal(v, w0[k]) for k, v in params(pipe).items())
+
+
+def test_ratio_limit_reads_a_whole_weight_only_where_its_first_rows_do_not_settle_it(tmp_path, pipe):
+    """The limit is checked against the norm of W0's first rows (a lower bound, read with every new weight);
+    the whole W0 is read only where that does not settle it: a weight whose first rows are zero still takes a
+    normal LoRA, and an all-zero weight has no limit. Nothing else reads a whole weight."""
+    from lora_studio.mix.limits import FLOOR_ROWS
+
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    with torch.no_grad():
+        attn.attn1.to_q.weight[:FLOOR_ROWS] = 0
+        attn.attn1.to_k.weight.zero_()
+    w0 = params(pipe)
+    mixer = LoraMixer(pipe)
+    mixer.add(write_kohya_lora(tmp_path / "a.safetensors", pipe, te=False))
+    mixer.apply()
+    prefix = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    assert set(mixer._sizes.norm) == {("unet", f"{prefix}.to_q"), ("unet", f"{prefix}.to_k")}
+    assert mixer._sizes.norm[("unet", f"{prefix}.to_k")] == 0.0
+    for name in ("to_q", "to_k"):
+        assert not torch.equal(w0[f"unet.{prefix}.{name}.weight"], getattr(attn.attn1, name).weight)
+    mixer.restore()
+    assert all(torch.equal(v, w0[k]) for k, v in params(pipe).items())

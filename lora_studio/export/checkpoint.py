@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ExportError, InputFileError, StopRequested
+from ..errors import ConfigError, InputFileError, StopRequested
 from ..fileio import atomic_dir, save_safetensors_atomic
-from ..finite import nonfinite_names
+from ..finite import refuse_nonfinite
 from ..ldm import pipeline_to_ldm_state_dict
 from ..lora.keys import pipeline_components
 from ..lora.math import module_delta
@@ -30,8 +30,8 @@ from ..mix import LoraMixer
 from ..models import load_base
 from ..progress import ProgressCallback, StopFlag, report
 from .lora_ops import parse_dtype
-from .plan import (FORMATS, MERGE_INFO_FILE, ExportResult, base_metadata, checkpoint_metadata, merge_records,
-                   mixer_on)
+from .plan import (FORMATS, MERGE_INFO_FILE, OVERFLOW_REMEDY, ExportResult, base_metadata, checkpoint_metadata,
+                   merge_records, mixer_on)
 from .stream import NotStreamable, stream_folder_checkpoint, stream_merged_checkpoint
 
 
@@ -97,10 +97,7 @@ def _check_stop(stop: StopFlag | None, out: Path) -> None:
 
 
 def _check_finite(tensors, where: str) -> None:
-    bad = nonfinite_names(tensors)
-    if bad:
-        raise ExportError(f"refusing to write {where}: {len(bad)} merged tensors hold NaN or inf (e.g. {bad[0]}). "
-                          "Lower the LoRA strengths, or export in fp32/bf16 if fp16 overflowed; nothing was written.")
+    refuse_nonfinite(tensors, where, OVERFLOW_REMEDY)
 
 
 def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,

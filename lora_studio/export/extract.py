@@ -14,7 +14,8 @@ from ..lora.module import LoraModule
 from ..lora.rank import ResizeStat, check_method, extract_delta, summarize
 from ..models import load_base
 from ..progress import ProgressCallback, report
-from .lora_ops import ResizeReport, out_metadata, parse_dtype, write_lora
+from ..lora.writer import save_kohya_lora
+from .lora_ops import ResizeReport, out_metadata, parse_dtype
 
 ATTN_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -86,5 +87,5 @@ def extract_lora(tuned, base, out: str | os.PathLike, method: str = "energy", va
     extra = {"lora_studio.extracted_from": names, "lora_studio.rank_rule": {"method": method, "value": value},
              "lora_studio.extract_targets": targets, "lora_studio.resize_summary": summary}
     meta = out_metadata({}, fam_b, out, modules, extra)
-    write_lora(modules, out, meta, parse_dtype(dtype))
+    save_kohya_lora(modules, out, meta, parse_dtype(dtype))  # refuses NaN/inf after the cast
     return ResizeReport(out, stats, summary, kind="extract")

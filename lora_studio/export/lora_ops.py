@@ -16,9 +16,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError, ExportError, LoraFormatError
+from ..errors import ConfigError, LoraFormatError
 from ..family import Family
-from ..finite import nonfinite_names
 from ..lora.formats import read_lora
 from ..lora.keys import canonical_kohya_name
 from ..lora.math import natural_shape
@@ -153,14 +152,6 @@ def out_metadata(source: dict[str, str], family: Family, out: Path, modules: dic
     return meta
 
 
-def write_lora(modules: dict[str, LoraModule], out: Path, meta: dict[str, str], dtype: torch.dtype | None) -> None:
-    bad = [k for k, m in modules.items() if nonfinite_names(m.tensors.items())]
-    if bad:
-        raise ExportError(f"refusing to write {out}: {len(bad)} modules have non-finite weights (e.g. {bad[0]}). "
-                          "Lower the strengths or check the inputs; nothing was written.")
-    save_kohya_lora(modules, out, meta, dtype)
-
-
 # --------------------------------------------------------------------------- operations
 def merge_loras(paths_with_strengths: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike,
                 method: str = "concat", rank_method: str = "energy", value: float = 0.99,
@@ -206,7 +197,7 @@ def merge_loras(paths_with_strengths: Sequence[tuple[str | os.PathLike, float]],
     if method == "svd":
         extra["lora_studio.rank_rule"] = {"method": rank_method, "value": value}
     meta = out_metadata(first_meta or {}, family, out, merged, extra)
-    write_lora(merged, out, meta, parse_dtype(dtype))
+    save_kohya_lora(merged, out, meta, parse_dtype(dtype))  # refuses NaN/inf after the cast
     return ResizeReport(out, stats, summarize(stats) if stats else {"modules": len(merged)}, kind="merge",
                         notes=notes)
 
@@ -237,5 +228,5 @@ def resize_lora(path: str | os.PathLike, out: str | os.PathLike, method: str, va
              "lora_studio.rank_rule": {"method": method, "value": value},
              "lora_studio.resize_summary": summary}
     out_meta = out_metadata(meta, family_of([fam], notes), out, new, extra)
-    write_lora(new, out, out_meta, parse_dtype(dtype) or (src_dtype if src_dtype.is_floating_point else None))
+    save_kohya_lora(new, out, out_meta, parse_dtype(dtype) or (src_dtype if src_dtype.is_floating_point else None))
     return ResizeReport(out, stats, summary, kind="resize", notes=notes)

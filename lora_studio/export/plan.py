@@ -15,6 +15,7 @@ from .lora_ops import file_sha256
 
 FORMATS = ("single_file", "diffusers")
 MERGE_INFO_FILE = "lora_studio_merge.json"  # what a diffusers-folder export records (its files have no header)
+OVERFLOW_REMEDY = "Lower the LoRA strengths, or export in fp32/bf16 if fp16 overflowed"
 
 
 @dataclass

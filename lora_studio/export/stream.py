@@ -33,17 +33,17 @@ from types import SimpleNamespace
 import torch
 
 from ..configs import config_dir as shipped_config_dir
-from ..errors import ExportError, InputFileError, StopRequested
+from ..errors import InputFileError, StopRequested
 from ..family import Family, family_of_pipeline
 from ..fileio import TORCH_DTYPES, read_safetensors_header, read_safetensors_tensor, write_safetensors_streamed
-from ..finite import all_finite
+from ..finite import refuse_nonfinite
 from ..ldm import SD2_FULL_TEXT_LAYERS, detect_family_from_ldm_keys, pipeline_to_ldm_state_dict
 from ..ldm.locate import LdmLocation, ldm_location
 from ..ldm.text import OPENCLIP_LOGIT_SCALE
 from ..lora.math import module_delta
 from ..models import check_config_dir
 from ..progress import ProgressCallback, StopFlag, report
-from .plan import ExportResult, checkpoint_metadata, merge_records, mixer_on
+from .plan import OVERFLOW_REMEDY, ExportResult, checkpoint_metadata, merge_records, mixer_on
 
 DROPPED_PREFIXES = ("model_ema.",)
 
@@ -167,10 +167,9 @@ def _finished(layout, read, targets: dict, out: Path, progress: ProgressCallback
         t = read(key, shape)
         if key in targets:
             t = _merged(t, targets[key], key)
-        t = t.to(dtype)
-        if not all_finite(t):
-            raise ExportError(f"refusing to write {out}: merged tensor {key} holds NaN or inf. Lower the LoRA "
-                              "strengths, or export in fp32/bf16 if fp16 overflowed; nothing was written.")
+        cast = t.to(dtype)
+        refuse_nonfinite([(key, cast)], str(out), OVERFLOW_REMEDY, {key: t})
+        t = cast
         report(progress, "write", i, len(layout), key)
         yield t
 

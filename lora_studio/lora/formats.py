@@ -11,6 +11,7 @@ The writer is ``writer.py``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -140,10 +141,7 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
         what = "only alpha/dora_scale, no weights" if not kinds else f"tensors of several kinds ({sorted(kinds)})"
         raise _fail(p, f"module {name} has {what}; keys", [f"{name}.{s}" for s in g])
     kind = kinds.pop()
-    if "alpha" in g and (g["alpha"].numel() == 0 or not bool(torch.isfinite(g["alpha"].float()).all())):
-        raise LoraFormatError(f"{p}: module {name} has alpha {g['alpha'].tolist()}; alpha must be one finite "
-                              "number. The file is damaged: download or export it again.")
-    alpha = float(g["alpha"].float().reshape(-1)[0]) if "alpha" in g else None
+    alpha = _alpha(p, name, g["alpha"]) if "alpha" in g else None
     tens = {s: t for s, t in g.items() if s != "alpha"}
     spec = kind_of(kind)
     missing = spec.missing(g)
@@ -159,6 +157,20 @@ def _build_module(p: Path, name: str, g: dict[str, torch.Tensor]) -> LoraModule:
     return LoraModule(name, spec.refine(g), tens, alpha, spec.rank(g))
 
 
+def _alpha(p: Path, name: str, t: torch.Tensor) -> float:
+    """A module's alpha: exactly one finite real number (a float or integer tensor of any shape with one element;
+    kohya writes a 0-d scalar). A vector is refused rather than read as its first element."""
+    real = t.dtype != torch.bool and not t.is_complex()
+    value = float(t.reshape(-1)[0].float()) if real and t.numel() == 1 else float("nan")
+    if not math.isfinite(value):
+        shown = (t.float() if t.is_floating_point() else t).reshape(-1)[:8].tolist()
+        count = f"{t.numel()} value{'s' if t.numel() != 1 else ''}"
+        raise LoraFormatError(f"{p}: {name}.alpha holds {count} of {str(t.dtype).removeprefix('torch.')} "
+                              f"{shown}{' ...' if t.numel() > 8 else ''}; alpha must be one finite number. The "
+                              "file is damaged: download or export it again.")
+    return value
+
+
 def _check_factors(p: Path, name: str, g: dict[str, torch.Tensor],
                    factor_pairs: tuple[tuple[str, str, str | None], ...]) -> None:
     """Factors are 2-D (4-D for convolutions) and multiplied factors fit, so a damaged file is refused here
@@ -166,6 +178,11 @@ def _check_factors(p: Path, name: str, g: dict[str, torch.Tensor],
     def bad(why: str) -> LoraFormatError:
         return LoraFormatError(f"{p}: module {name} {why}. The file is damaged or of an unknown variant: "
                                "download or export it again.")
+    for s, t in g.items():  # integers, bools and complex numbers would be converted to float and applied
+        if s != "alpha" and not t.is_floating_point():
+            raise LoraFormatError(f"{p}: {name}.{s} is {str(t.dtype).removeprefix('torch.')}, but LoRA weights are "
+                                  "floating-point numbers (fp16, bf16, fp32, fp64 or fp8). The file is damaged or "
+                                  "not a LoRA: download or export it again.")
     for s, t in g.items():
         if s not in ("alpha", "dora_scale", "diff") and t.dim() not in (2, 4):
             raise bad(f"has {s} of shape {tuple(t.shape)}, but a LoRA factor has 2 dimensions (4 for a convolution)")
@@ -195,8 +212,10 @@ def _group_kohya(p: Path, tensors: Mapping[str, torch.Tensor]
     return _split_modules(p, tensors, names), embeddings
 
 
-def _peft_alpha(metadata: Mapping[str, str], component: str, module: str) -> float | None:
-    """lora_alpha from diffusers' ``lora_adapter_metadata`` (peft LoraConfig fields prefixed by component)."""
+def _peft_alpha(p: Path, metadata: Mapping[str, str], component: str, module: str) -> float | None:
+    """lora_alpha from diffusers' ``lora_adapter_metadata`` (peft LoraConfig fields prefixed by component). An
+    alpha field that is not one finite number, or an ``alpha_pattern`` that is not a mapping of valid regular
+    expressions, is refused with the field named (a header that is not a JSON object is ignored)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
@@ -204,11 +223,30 @@ def _peft_alpha(metadata: Mapping[str, str], component: str, module: str) -> flo
         cfg = json.loads(raw)
     except json.JSONDecodeError:
         return None
-    for pattern, value in (cfg.get(f"{component}.alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
-            return float(value)
+    if not isinstance(cfg, dict):
+        return None
+
+    def bad(field: str, value: object, what: str) -> LoraFormatError:
+        return LoraFormatError(f"{p}: lora_adapter_metadata field {field} is {json.dumps(value)[:80]}, but it must "
+                               f"be {what}. The file is damaged: download or export it again.")
+
+    def number(field: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(field, value, "one finite number")
+        return float(value)
+
+    patterns = cfg.get(f"{component}.alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise bad(f"{component}.alpha_pattern", patterns, "a mapping of module patterns to alphas")
+    for pattern, value in patterns.items():
+        try:
+            hit = module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module)
+        except re.error as err:
+            raise bad(f"{component}.alpha_pattern", pattern, f"a regular expression ({err})") from err
+        if hit:
+            return number(f"{component}.alpha_pattern[{json.dumps(pattern)}]", value)
     alpha = cfg.get(f"{component}.lora_alpha")
-    return float(alpha) if alpha is not None else None
+    return number(f"{component}.lora_alpha", alpha) if alpha is not None else None
 
 
 def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, LoraModule]:
@@ -225,7 +263,7 @@ def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[
         if "dora_scale" in mod.tensors:  # peft keeps one magnitude per output ((out,) or conv (1, out, 1, 1))
             mod.tensors["dora_scale"] = mod.tensors["dora_scale"].reshape(-1)
         if mod.alpha is None:
-            alpha = _peft_alpha(metadata, comp, module)
+            alpha = _peft_alpha(p, metadata, comp, module)
             if alpha is not None:
                 mod.alpha = alpha
     return modules

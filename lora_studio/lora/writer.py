@@ -13,24 +13,33 @@ from typing import Mapping
 import torch
 
 from ..fileio import save_safetensors_atomic
+from ..finite import refuse_nonfinite
 from .formats import LoraModule
 
 
-def kohya_state_dict(modules: Mapping[str, LoraModule], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Flatten modules to kohya keys: ``<name>.<suffix>`` for each tensor plus a scalar ``<name>.alpha``."""
+def _kohya_tensors(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
+    """Modules flattened to kohya keys: ``<name>.<suffix>`` for each tensor plus a scalar fp32 ``<name>.alpha``."""
     out: dict[str, torch.Tensor] = {}
     for name, mod in modules.items():
         for suffix, t in mod.tensors.items():
-            out[f"{name}.{suffix}"] = t.detach().to(dtype) if dtype is not None else t.detach()
+            out[f"{name}.{suffix}"] = t.detach()
         alpha = mod.alpha if mod.alpha is not None else float(mod.rank)
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
 
 def save_kohya_lora(modules: Mapping[str, LoraModule], path: str | os.PathLike,
                     metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
-    """Write a kohya/Civitai LoRA (atomically). Metadata values are stored as strings."""
-    save_safetensors_atomic(kohya_state_dict(modules, dtype), path, metadata)
+    """Write a kohya/Civitai LoRA (atomically). Metadata values are stored as strings.
+
+    Raises ``ExportError`` naming the key, and writes nothing, when a tensor is NaN/inf in ``dtype``. Checked
+    here, after the cast, for every producer (trainer, merge, resize, extract): values finite in fp32 (an alpha
+    of 3e38, strength-scaled factors) can overflow fp16, and every reader refuses a file with inf in it."""
+    raw = _kohya_tensors(modules)
+    sd = {k: t.to(dtype) for k, t in raw.items()} if dtype is not None else raw
+    refuse_nonfinite(sd.items(), str(path), "Write the LoRA as fp32 or bf16 (which has fp32's range), or lower "
+                     "the strengths", raw)
+    save_safetensors_atomic(sd, path, metadata)
 
 
 def kohya_metadata(*, family, rank: int, alpha: float, title: str, resolution: int | tuple[int, int],

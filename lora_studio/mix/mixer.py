@@ -11,26 +11,23 @@ mix (averaging up and down factors separately would add cross terms). Calling ``
 ``set_strength`` re-weights from the kept factors and the kept originals: no file is read and nothing drifts.
 ``restore()`` copies the original tensors back, so the base weights are bit-identical afterwards.
 
+``apply()`` refuses (``ExportError``, naming the layer and the file) a mix whose result is NaN/inf in fp32 or in
+the weight's dtype, and any LoRA whose delta at its strength has a Frobenius norm over ``limits.MAX_DELTA_RATIO`` times
+that of the weight it changes: a delta as large as the weight already replaces the layer rather than adjusting
+it, so no working LoRA comes near that, while a broken alpha (3e38) or a typo'd strength (1e7) does. A refused
+apply leaves every weight exactly as it was before the call.
+
 Where W0 is kept (on the weight's device when there is room, else in CPU memory) is ``originals``.
 
 Written by hand rather than through diffusers' ``set_adapters``/``fuse_lora`` because those reject LoHa/LoKr
 and cannot weight blocks of a kohya LoRA; a test checks this module against diffusers' own fuse for LoRA.
 
-**Per-block weights** (as the LoRA Block Weight extension does): a dict whose keys are
-
-* diffusers blocks: ``"down"``, ``"mid"``, ``"up"``, ``"other"`` (conv_in, time embedding, conv_out) or a single
-  block ``"down.0"``, ``"up.2"`` (``down.0`` is the highest-resolution down block, ``up.0`` the lowest-resolution
-  up block);
-* or the extension's own names, one per original (ldm) UNet layer: ``"IN00"``..``"IN11"``, ``"M00"``,
-  ``"OUT00"``..``"OUT11"`` (SD 1.x numbering; SDXL has IN00..IN08, OUT00..OUT08), and ``"BASE"`` for the text
-  encoders. ``lbw_block_weights`` turns the extension's 17/26 (SD 1.x) or 12/20 (SDXL) value lists into these.
-
-The most specific key wins (``IN04`` over ``down.1`` over ``down``); unlisted blocks weigh 1. Block weights
-multiply the UNet strength; only ``BASE`` touches the text encoders (times ``te_strength``).
+Per-block weights are ``blocks.UnetBlocks``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,37 +35,17 @@ from typing import Mapping
 
 import torch
 
-from ..errors import ConfigError, ExportError, LoraFormatError
+from ..errors import ConfigError, ExportError, LoraFormatError, LoraStudioError
 from ..family import Family, family_of_pipeline, require_same_family
+from ..finite import all_finite
 from ..lora.formats import LoraFile, LoraModule, read_lora
-from ..lora.keys import UnetLayout, diffusers_unet_to_ldm, match_modules, pipeline_components, unet_block_of
+from ..lora.keys import match_modules, pipeline_components
 from ..lora.math import module_delta
+from .blocks import UnetBlocks
+from .limits import OriginalSizes, norm64, product_norm
 from .originals import keep_in_place, keep_original, put_back
 
-BLOCK_GROUPS = ("down", "mid", "up", "other")
-# The LoRA Block Weight extension's value lists, by length: which layer each value weighs.
-_IN, _OUT = [f"IN{i:02d}" for i in range(12)], [f"OUT{i:02d}" for i in range(12)]
-LBW_LAYOUTS = {
-    17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[3:]],  # SD 1.x with attention
-    26: ["BASE", *_IN, "M00", *_OUT],                                                  # SD 1.x, every layer
-    12: ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", *_OUT[:6]],                   # SDXL with attention
-    20: ["BASE", *_IN[:9], "M00", *_OUT[:9]],                                         # SDXL, every layer
-}
-
-
-def lbw_block_weights(values: list[float] | str) -> dict[str, float]:
-    """The LoRA Block Weight extension's list (``"1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"``) as block-weight keys."""
-    if isinstance(values, str):
-        try:
-            values = [float(v) for v in values.replace(" ", "").split(",") if v]
-        except ValueError as err:
-            raise ConfigError(f"block weights {values!r} should be comma-separated numbers ({err}).") from err
-    if len(values) not in LBW_LAYOUTS:
-        raise ConfigError(f"a LoRA Block Weight list has 17 or 26 values (SD 1.x) or 12 or 20 (SDXL); "
-                          f"got {len(values)}: {values}.")
-    return dict(zip(LBW_LAYOUTS[len(values)], (float(v) for v in values)))
-
-
+# A LoRA whose delta (at its strength) is larger than this many times the weight it changes would wreck the model.
 @dataclass
 class MixEntry:
     """One LoRA in the mix. ``matched`` counts the modules applied; ``unmatched`` names those that are not."""
@@ -103,20 +80,10 @@ class LoraMixer:
         self._entries: dict[str, MixEntry] = {}
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
         self._written: dict[tuple[str, str], tuple] = {}  # what apply() last wrote into each weight
-        self._factors_cache: dict[tuple, tuple] = {}  # (id(module), device, dtype) -> (module, up, down, bound)
-        self._w0_absmax: dict[tuple[str, str], float] = {}  # for the fp16 overflow bound
-        unet = self.components.get("unet")
-        self._n_down = len(getattr(unet, "down_blocks", ()))
-        self._n_up = len(getattr(unet, "up_blocks", ()))
-        self._lbw: dict[str, str] = {}  # UNet module name -> LoRA Block Weight layer name (IN04, M00, OUT11)
-        if unet is not None:
-            layout = UnetLayout.from_config(unet.config)
-            for mname, _ in unet.named_modules():
-                ldm = diffusers_unet_to_ldm(mname, layout) if mname else None
-                if ldm and ldm.startswith(("input_blocks.", "output_blocks.", "middle_block.")):
-                    kind, idx = ldm.split(".")[:2]
-                    self._lbw[mname] = ("M00" if kind == "middle_block" else
-                                        f"{'IN' if kind == 'input_blocks' else 'OUT'}{int(idx):02d}")
+        # (id(module), device, dtype) -> (module, up, down, bound, norm bound)
+        self._factors_cache: dict[tuple, tuple] = {}
+        self._sizes = OriginalSizes()  # what is known of each W0's size: the yardstick of a LoRA's change
+        self.blocks = UnetBlocks(self.components.get("unet"))
 
     # ------------------------------------------------------------------ entries
     @property
@@ -149,7 +116,7 @@ class LoraMixer:
         unique, n = base, 2
         while unique in self._entries:
             unique, n = f"{base}_{n}", n + 1
-        blocks = self._check_blocks(block_weights or {})
+        blocks = self.blocks.check(block_weights or {})
         unmatched = list(result.unmatched) + [f"<embedding {t}>" for t in lf.embeddings]
         self._entries[unique] = MixEntry(unique, lf.path, float(strength), None if te_strength is None else
                                          float(te_strength), blocks, len(result.matched), unmatched,
@@ -173,7 +140,7 @@ class LoraMixer:
         elif te_follows_unet:
             e.te_strength = None
         if blocks is not None:
-            e.block_weights = self._check_blocks(blocks)
+            e.block_weights = self.blocks.check(blocks)
 
     def remove(self, name: str) -> None:
         """Drop a LoRA from the mix (its modules go back to W0 at the next ``apply()``)."""
@@ -188,33 +155,14 @@ class LoraMixer:
                               f"{', '.join(self._entries) or 'nothing'}.")
         return self._entries[name]
 
-    def _check_blocks(self, blocks: dict[str, float]) -> dict[str, float]:
-        valid = set(BLOCK_GROUPS) | {f"down.{i}" for i in range(self._n_down)} | {f"up.{i}" for i in range(self._n_up)}
-        lbw = {"BASE"} | set(self._lbw.values())
-        # the extension's lists name layers some models lack (SD 1.x IN03 is a downsampler); only unknown names fail
-        known = lbw | set(_IN) | set(_OUT) | {"M00"}
-        bad = [k for k in blocks if k not in valid and k not in known]
-        if bad:
-            raise ConfigError(f"unknown block weight key(s) {bad}; use {', '.join(BLOCK_GROUPS)}, "
-                              f"down.0..down.{self._n_down - 1}, up.0..up.{self._n_up - 1}, or the LoRA Block "
-                              f"Weight names {', '.join(sorted(lbw))}.")
-        return {k: float(v) for k, v in blocks.items()}
-
     # ------------------------------------------------------------------ weights
     def coefficient(self, entry: MixEntry, component: str, module_name: str,
                     strengths: tuple[float, float] | None = None) -> float:
         """The factor this entry's delta gets on one module: strength x block weight, or the TE strength.
         ``strengths`` (unet, te) stand in for the entry's own, as a comparison cell asks."""
         unet, te = strengths if strengths is not None else (entry.strength, entry.effective_te_strength)
-        bw = entry.block_weights
-        if component != "unet":
-            return te * bw.get("BASE", 1.0)
-        group, idx = unet_block_of(module_name)
-        weight = bw.get(f"{group}.{idx}", bw.get(group, 1.0)) if idx is not None else bw.get(group, 1.0)
-        layer = self._lbw.get(module_name)
-        if layer is not None and layer in bw:
-            weight = bw[layer]
-        return unet * weight
+        weight = self.blocks.weight(entry.block_weights, component, module_name)
+        return (unet if component == "unet" else te) * weight
 
     def _weight(self, key: tuple[str, str]) -> torch.Tensor:
         comp, mname = key
@@ -232,10 +180,11 @@ class LoraMixer:
         return out
 
     def _factors(self, mod: LoraModule, device: torch.device, dtype: torch.dtype):
-        """``(up * alpha / r, down, bound)`` as 2-D tensors on ``device`` for a module whose delta is one matrix
-        product (LoRA, LoCon without a Tucker core, not DoRA), kept for the next ``apply()``; ``bound`` caps any
-        entry of ``up @ down`` (Cauchy-Schwarz: the largest row norm of up times the largest column norm of
-        down). ``None`` for other kinds, which take ``module_delta``."""
+        """``(up * alpha / r, down, bound, norm_bound)`` as 2-D tensors on ``device`` for a module whose delta is
+        one matrix product (LoRA, LoCon without a Tucker core, not DoRA), kept for the next ``apply()``; ``bound``
+        caps any entry of ``up @ down`` (Cauchy-Schwarz: the largest row norm of up times the largest column norm
+        of down) and ``norm_bound`` its Frobenius norm (``||up|| ||down||``). ``None`` for other kinds, which
+        take ``module_delta``."""
         if not mod.spec.is_one_product(mod.tensors):
             return None
         key = (id(mod), device, dtype)
@@ -244,14 +193,19 @@ class LoraMixer:
             return hit[1:]
         up = mod.tensors["lora_up.weight"].to(device=device, dtype=torch.float32).flatten(1) * mod.scale
         down = mod.tensors["lora_down.weight"].to(device=device, dtype=torch.float32).flatten(1)
-        bound = float(up.norm(dim=1).max() * down.norm(dim=0).max()) if up.numel() and down.numel() else 0.0
+        if up.numel() and down.numel():
+            rows, cols = up.norm(dim=1), down.norm(dim=0)  # ||up||_F is the norm of its row norms
+            bound, norm_bound = torch.stack([rows.max() * cols.max(), rows.norm() * cols.norm()]).tolist()
+        else:
+            bound, norm_bound = 0.0, 0.0
         up, down = up.to(dtype), down.to(dtype)
-        self._factors_cache[key] = (mod, up, down, bound)
-        return up, down, bound
+        self._factors_cache[key] = (mod, up, down, bound, norm_bound)
+        return up, down, bound, norm_bound
 
     def _apply_products(self, key, param: torch.Tensor, w0: torch.Tensor, terms) -> bool:
         """Write ``W0 + sum c * up @ down`` with ``addmm`` straight into ``param`` when every term is one low-rank
         product and the result provably stays finite; returns False to leave the layer to the general path.
+        Raises ``ExportError`` (writing nothing) for a term over ``limits.MAX_DELTA_RATIO`` times the weight.
 
         No full-size delta is made and no full-size ``isfinite`` pass is needed (the bound rules overflow out),
         which is what makes apply and strength changes cheap. fp32 weights are computed exactly as the general
@@ -269,21 +223,26 @@ class LoraMixer:
             return False
         bound = sum(abs(c) * f[2] for c, f in prods)
         if param.dtype == torch.float16:
-            if key not in self._w0_absmax:
-                self._w0_absmax[key] = float(w0.abs().max()) if w0.numel() else 0.0
-            bound += self._w0_absmax[key]
+            if key not in self._sizes.absmax:  # the weight became fp16 after W0 was measured: no bound for it
+                return False
+            bound += self._sizes.absmax[key]
         if not bound < torch.finfo(param.dtype).max / 4:  # also False for nan/inf
             return False
+        for (c, f), (_, m) in zip(prods, terms):  # the cheap bound first, the exact norm only near the limit
+            if not self._sizes.within_limit(key, self._originals[key], abs(c) * f[3]):
+                size = abs(c) * product_norm(m)
+                if not self._sizes.within_limit(key, self._originals[key], size):
+                    raise self._sizes.too_large(key, c, m, size, self._source(m))
         out = param.view(rows, cols)
         base = w0.to(param.device).view(rows, cols)
         if param.dtype == mm_dtype:
-            (c0, (u0, d0, _)), rest = prods[0], prods[1:]
+            (c0, (u0, d0, *_)), rest = prods[0], prods[1:]
             torch.addmm(base, u0, d0, alpha=c0, out=out)
-            for c, (u, d, _) in rest:
+            for c, (u, d, *_) in rest:
                 out.addmm_(u, d, alpha=c)
         else:
             acc = base.to(torch.float32, copy=True)
-            for c, (u, d, _) in prods:
+            for c, (u, d, *_) in prods:
                 acc.addmm_(u, d, alpha=c)
             out.copy_(acc)
         return True
@@ -296,47 +255,110 @@ class LoraMixer:
         entries' own (what a comparison cell does); the strengths stay the user's, set by ``set_strength``.
         Only weights whose terms changed since the last ``apply()`` are recomputed, so moving one LoRA's
         text-encoder strength or one block weight costs only those layers. The weights are assumed to be
-        changed by nobody else in between (``restore()`` first if they were)."""
+        changed by nobody else in between (``restore()`` first if they were). A refused mix (see the module
+        docstring) raises ``ExportError`` and leaves every weight as it was before the call."""
         contribs = self.contributions(strengths)
+        for key, items in contribs.items():  # before anything is written: add_ raises RuntimeError beyond float32
+            for coeff, _ in items:
+                if not abs(coeff) <= torch.finfo(torch.float32).max:
+                    raise ExportError(f"strength {coeff:g} on {key[0]}.{key[1]} is beyond float32's range; "
+                                      "lower the strengths (the weights were left as they were).")
         fresh = {key: self._weight(key) for key in contribs if key not in self._originals}
         in_place = keep_in_place(list(fresh.values()), self.keep_originals_on_device)
         for key, param in fresh.items():
             self._originals[key] = keep_original(param, in_place[param.device])
+        before = dict(self._written)
         try:
+            self._sizes.measure({key: self._originals[key] for key in fresh})
             self._write(contribs)
+        except LoraStudioError:  # a refused mix: what this call wrote goes back to what was there
+            self._roll_back(before)
+            raise
         finally:  # a layer that was never written (an error came first) gets its own tensor back
             for key in fresh:
                 if key not in self._written:
                     put_back(self._weight(key), self._originals.pop(key))
 
+    def _source(self, mod: LoraModule) -> str:
+        """The file (or mix name) a module comes from, for messages."""
+        for e in self._entries.values():
+            if e.lora.modules.get(mod.name) is mod:
+                return e.path.name if e.path is not None else e.name
+        return mod.name
+
     def _write(self, contribs) -> None:
+        pending = []  # general-path checks, left on the device and read with one host sync after the loop
         for key, w0 in self._originals.items():
-            param = self._weight(key)
             terms = [(c, m) for c, m in contribs.get(key, []) if c != 0.0]
             last = self._written.get(key)  # holds the modules themselves, so an id is never reused
             if last is not None and len(last) == len(terms) and all(
                     c0 == c1 and m0 is m1 for (c0, m0), (c1, m1) in zip(last, terms)):
                 continue  # unchanged since the last apply(): nothing to compute
-            if not terms:
-                param.copy_(w0)
-                self._written[key] = ()
-                continue
-            if self._apply_products(key, param, w0, terms):
-                self._written[key] = tuple(terms)
-                continue
+            check = self._write_one(key, w0, terms)
+            if check is not None:
+                pending.append(check)
+        self._check(pending)
+
+    def _write_one(self, key, w0: torch.Tensor, terms: list) -> tuple | None:
+        """Write one weight and record its terms; returns the general path's on-device checks (or None)."""
+        param = self._weight(key)
+        self._written.pop(key, None)  # until written, the weight does not hold these terms
+        if not terms:
+            param.copy_(w0)
+        elif not self._apply_products(key, param, w0, terms):
             acc = w0.to(device=param.device, dtype=torch.float32, copy=True)
+            sizes = []
             for coeff, mod in terms:
-                if not abs(coeff) <= torch.finfo(torch.float32).max:  # add_ raises RuntimeError beyond float32
-                    raise ExportError(f"strength {coeff:g} on {key[0]}.{key[1]} is beyond float32's range; "
-                                      "lower the strengths (the weights of this layer were left as they were).")
-                acc.add_(module_delta(mod, tuple(w0.shape), base=w0, device=param.device),
-                         alpha=coeff)
+                delta = module_delta(mod, tuple(w0.shape), base=w0, device=param.device)
+                sizes.append(torch.linalg.vector_norm(delta))  # fp32 is faster; _check redoes an overflow in fp64
+                acc.add_(delta, alpha=coeff)
             new = acc.to(param.dtype)
-            if not bool(torch.isfinite(new).all()):
-                raise ExportError(f"the mix gives values out of {param.dtype}'s range in {key[0]}.{key[1]}; "
-                                  "lower the strengths (the weights of this layer were left as they were).")
             param.copy_(new)
             self._written[key] = tuple(terms)
+            # one sum, not isfinite().all(): a finite sum proves every element finite (see finite.py)
+            return key, terms, torch.stack([*sizes, new.sum(dtype=torch.float32)])
+        self._written[key] = tuple(terms)
+        return None
+
+    def _check(self, pending: list) -> None:
+        """Raise for the first general-path weight whose LoRA delta is too large or whose result is NaN/inf."""
+        if not pending:
+            return
+        by_device: dict[torch.device, list] = {}
+        for item in pending:
+            by_device.setdefault(item[2].device, []).append(item)
+        for items in by_device.values():
+            values = torch.cat([v for *_, v in items]).tolist()
+            at = 0
+            for key, terms, v in items:
+                got, at = values[at:at + len(v)], at + len(v)
+                for (coeff, mod), norm in zip(terms, got):
+                    size = abs(coeff) * norm
+                    if not self._sizes.within_limit(key, self._originals[key], size):
+                        if not math.isfinite(size):  # NaN/inf in the delta, or a norm beyond fp32: measure in fp64
+                            w0 = self._originals[key]
+                            size = abs(coeff) * float(norm64(module_delta(mod, tuple(w0.shape), base=w0)))
+                        if not self._sizes.within_limit(key, self._originals[key], size):
+                            raise self._sizes.too_large(key, coeff, mod, size, self._source(mod))
+                if not math.isfinite(got[-1]) and not all_finite(self._weight(key)):
+                    param = self._weight(key)
+                    files = ", ".join(dict.fromkeys(self._source(m) for _, m in terms))
+                    raise ExportError(f"the mix gives values out of {param.dtype}'s range in {key[0]}.{key[1]} "
+                                      f"(LoRAs: {files}); lower the strengths. Nothing was applied; the weights "
+                                      "were left as they were.")
+
+    def _roll_back(self, before: dict) -> None:
+        """Put back what ``apply()`` found: W0, or the earlier mix recomputed from its terms (the same arithmetic
+        on the same inputs, so the same bits), for each weight this call wrote."""
+        for key, terms in list(self._written.items()):
+            if before.get(key) is not terms:
+                if key in before:
+                    self._write_one(key, self._originals[key], list(before[key]))
+                else:
+                    del self._written[key]  # a weight first touched by this call: apply() puts W0 back
+        for key, terms in before.items():  # written as far as clearing, then refused
+            if key not in self._written:
+                self._write_one(key, self._originals[key], list(terms))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -345,7 +367,7 @@ class LoraMixer:
             put_back(self._weight(key), w0)
         self._originals.clear()
         self._written.clear()
-        self._w0_absmax.clear()
+        self._sizes.clear()
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> str:

@@ -8,7 +8,7 @@ import socket
 import sys
 
 from ..cpu_memory import APP_TRIM_THRESHOLD, tune_glibc_malloc
-from .app import build_app, make_context
+from . import app as ui_app
 
 DEFAULT_PORT = 7860
 
@@ -64,8 +64,8 @@ def launch_from_args(argv: list[str] | None = None) -> int:
         print(refusal, file=sys.stderr)
         return 2
     host = "0.0.0.0" if args.listen else "127.0.0.1"
-    ctx = make_context(args.outputs, args.allow_dir)
-    app = build_app(ctx)
+    ctx = ui_app.make_context(args.outputs, args.allow_dir)
+    app = ui_app.build_app(ctx)
     app.queue().launch(
         server_name=host,
         server_port=args.port or free_port(host),

@@ -4,15 +4,21 @@ Used by tests/test_bad_*.py, test_pickles.py and test_fuzz_reader.py. Every case
 error message must contain, so a test checks that the message says *what* is wrong, not only that it raised.
 
 Counts (kept in step with the tests and the README section "Bad inputs and faults"):
-    inputs tried:    84 hand-made bad inputs (20 safetensors, 13 LoRA contents + 5 family/NaN/overflow cases,
-                     5 pickles, 13 pictures/captions/folders, 20 configs/presets/CLI settings incl. rank too
-                     large and 3 mix presets, 8 damaged training states) in 287 (input, reader) checks, plus
-                     200 hypothesis inputs x 2 readers (read_lora, inspect_lora)
-    faults injected: 17 (StopFlag at 3 seeded steps, SIGINT, SIGTERM; ENOSPC half-way through a LoRA save, a
+    inputs tried:    134 hand-made bad inputs (32 safetensors incl. JSON/HTML/LFS/picture/pickle/zip files and
+                     deep or over-long headers; 19 LoRA contents incl. int/bool/complex factors, vector and peft
+                     alphas, a 3e38 alpha, + 5 family/NaN/overflow cases; 5 pickles + 7 pickle-only or LFS
+                     diffusers folders and checkpoints; 21 pictures/captions/folders incl. BOM-less UTF-16,
+                     control characters, a 1 MB caption, a latin-1 file name, absurd repeats; 25 configs/presets/
+                     CLI settings incl. names that leave the run folder; 8 damaged training states; 12 mix/launch
+                     arguments: F:nan, F:abc, missing files and folders, a preset's lora_dir, --listen/--share
+                     without --auth, a sampler whose package is missing) in about 380 (input, reader) checks,
+                     plus 200 hypothesis inputs x 2 readers (read_lora, inspect_lora)
+    faults injected: 18 (StopFlag at 3 seeded steps, SIGINT, SIGTERM; ENOSPC half-way through a LoRA save, a
                      state save, a single-file export and the demo sample grid; a real EFBIG (RLIMIT_FSIZE) in
                      safetensors, torch.save and a diffusers-folder export; a file in the way of the run folder,
-                     the state folder, an atomic write and an export; torch.OutOfMemoryError in a step)
-    failures found and fixed: 20 (listed in the README section)
+                     the state folder, an atomic write and an export; torch.OutOfMemoryError in a step; kill -9
+                     during an export, then the next write)
+    failures found and fixed: 46 (listed in the README section)
 
 Safetensors files are written byte by byte here (not with the safetensors library) so that a header can say
 exactly the wrong thing. Layout: 8-byte little-endian header length, the JSON header, then the data.

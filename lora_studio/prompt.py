@@ -9,11 +9,16 @@ Accepted forms (``lyco`` works like ``lora``, as the LyCORIS extension spells it
 
 Parsing is pure (no file system); ``resolve_requests`` then finds the files in a folder.
 The tag grammar is A1111's (``<kind:arg:arg...>``, ``key=value`` arguments); written by hand because no
-installed library parses it.
+installed library parses it. Tag options of A1111 extensions that LoRA Studio does not apply (``lbw=``, ``dyn=``,
+``start=``, ``stop=``) are skipped with a warning.
+
+``parse_prompt_attention`` reads A1111's emphasis syntax (``(x)``, ``[x]``, ``(x:1.3)``, ``\\(``, ``BREAK``) into
+``[text, weight]`` pairs; ``lora_studio.prompt_weights`` turns them into text-encoder embeddings.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +29,10 @@ from .library import resolve
 
 TAG_RE = re.compile(r"<(lora|lyco):([^>]*)>", re.IGNORECASE)
 NAMED_KEYS = ("te", "unet")
+# options of A1111 extensions (block weights, dynamic rank, step ranges) that are read and not applied
+IGNORED_KEYS = ("lbw", "dyn", "start", "stop")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,9 @@ def _parse_tag(body: str, tag: str) -> LoraRequest:
         if "=" in arg:
             key, _, value = arg.partition("=")
             key = key.strip().lower()
+            if key in IGNORED_KEYS:
+                log.warning("%s: LoRA Studio does not apply %r; the setting is ignored.", tag, arg)
+                continue
             if key not in NAMED_KEYS:
                 raise ConfigError(f"{tag}: unknown setting {key!r}. Known settings: {', '.join(NAMED_KEYS)} "
                                   "(e.g. <lora:name:te=0.5:unet=1>).")
@@ -134,3 +146,99 @@ def add_prompt_loras(mixer, text: str, folder: str | Path | None, allow_partial:
         else:
             mixer.add(str(path), strength=req.strength, te_strength=req.te_strength, allow_partial=allow_partial)
     return parsed
+
+
+# --------------------------------------------------------------------------- emphasis: (x), [x], (x:1.3), BREAK
+ROUND_FACTOR = 1.1
+SQUARE_FACTOR = 1 / 1.1
+_ESCAPABLE = "()[]\\"
+_EXPLICIT_WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
+_PLAIN_RUN = re.compile(r"[^\\()\[\]:]+")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def _add_text(pieces: list[list], text: str) -> None:
+    """Plain text; each ``BREAK`` (uppercase, a word of its own) becomes ``["BREAK", -1]``."""
+    for i, part in enumerate(_BREAK.split(text)):
+        if i:
+            pieces.append(["BREAK", -1])
+        pieces.append([part, 1.0])
+
+
+def parse_prompt_attention(text: str) -> list[list]:
+    """A1111's emphasis: ``[[text, weight], ...]``, with the same pieces and weights as AUTOMATIC1111's function
+    of this name. ``(x)`` multiplies by 1.1, ``[x]`` divides by 1.1, ``(x:1.5)`` multiplies by 1.5; brackets
+    left open are closed at the end; ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal characters (a lone
+    backslash is dropped); a ``)`` or ``]`` with nothing open is text; ``BREAK`` gives ``["BREAK", -1]``;
+    neighbours of equal weight are joined; an empty prompt gives ``[["", 1.0]]``.
+
+    >>> parse_prompt_attention("an (important) word")
+    [['an ', 1.0], ['important', 1.1], [' word', 1.0]]
+    """
+    pieces: list[list] = []
+    open_round: list[int] = []    # where in ``pieces`` each open bracket started
+    open_square: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    pos = 0
+    while pos < len(text):
+        char = text[pos]
+        if char == "\\":
+            escaped = text[pos + 1:pos + 2]
+            if escaped and escaped in _ESCAPABLE:
+                pieces.append([escaped, 1.0])
+                pos += 2
+            else:
+                pieces.append(["", 1.0])
+                pos += 1
+        elif char == "(":
+            open_round.append(len(pieces))
+            pos += 1
+        elif char == "[":
+            open_square.append(len(pieces))
+            pos += 1
+        elif char == ":":
+            weight = _EXPLICIT_WEIGHT.match(text, pos)
+            if weight and open_round:
+                try:
+                    factor = float(weight.group(1))
+                except ValueError:
+                    raise ConfigError(f"{weight.group(0)!r} in the prompt is not a weight. Write weights like "
+                                      "(word:1.3), or escape the bracket as \\( \\).") from None
+                scale(open_round.pop(), factor)
+                pos = weight.end()
+            elif weight:
+                _add_text(pieces, weight.group(0))
+                pos = weight.end()
+            else:
+                _add_text(pieces, ":")
+                pos += 1
+        elif char == ")" and open_round:
+            scale(open_round.pop(), ROUND_FACTOR)
+            pos += 1
+        elif char == "]" and open_square:
+            scale(open_square.pop(), SQUARE_FACTOR)
+            pos += 1
+        elif char in ")]":
+            _add_text(pieces, char)
+            pos += 1
+        else:
+            run = _PLAIN_RUN.match(text, pos)
+            _add_text(pieces, run.group(0))
+            pos = run.end()
+    for start in open_round:
+        scale(start, ROUND_FACTOR)
+    for start in open_square:
+        scale(start, SQUARE_FACTOR)
+    if not pieces:
+        return [["", 1.0]]
+    merged = [pieces[0]]
+    for piece in pieces[1:]:
+        if piece[1] == merged[-1][1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return merged

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_studio.errors import ConfigError, InputFileError
-from lora_studio.prompt import LoraRequest, parse_prompt, resolve_requests, strip_lora_tags
+from lora_studio.prompt import LoraRequest, parse_prompt, parse_prompt_attention, resolve_requests, strip_lora_tags
 
 
 @pytest.mark.parametrize("text, prompt, loras", [
@@ -34,7 +34,7 @@ def test_parse_prompt_table(text, prompt, loras):
     ("x <lora:s:abc>", ["'abc'", "not a number"]),
     ("x <lora::0.5>", ["no LoRA name"]),
     ("x <lora:s:1:2:3>", ["3 numbers"]),
-    ("x <lora:s:dyn=4>", ["'dyn'", "te, unet"]),
+    ("x <lora:s:bogus=4>", ["'bogus'", "te, unet"]),
     ("x <lora:s:inf>", ["not finite"]),
     ("<lora:s:1> <lora:s:0.5>", ["twice"]),
 ])
@@ -43,6 +43,60 @@ def test_bad_tags_say_what_is_wrong(text, words):
         parse_prompt(text)
     for w in words:
         assert w in str(err.value)
+
+
+@pytest.mark.parametrize("text, loras", [
+    ("x <lora:s:0.5:lbw=INALL>", [("s", 0.5, None)]),
+    ("x <lora:s:0.8:dyn=4>", [("s", 0.8, None)]),
+    ("x <lora:s:0.7:0.3:start=5:stop=10>", [("s", 0.3, 0.7)]),
+    ("x <lora:s:unet=0.6:lbw=1,0,0,1>", [("s", 0.6, 1.0)]),
+])
+def test_extension_options_are_ignored_with_a_warning(text, loras, caplog):
+    with caplog.at_level("WARNING", logger="lora_studio.prompt"):
+        parsed = parse_prompt(text)
+    assert [(r.name, r.strength, r.te_strength) for r in parsed.loras] == loras
+    assert "does not apply" in caplog.text and "ignored" in caplog.text
+
+
+# AUTOMATIC1111's own examples (the docstring of modules/prompt_parser.py parse_prompt_attention)
+A1111_EXAMPLES = [
+    ("normal text", [["normal text", 1.0]]),
+    ("an (important) word", [["an ", 1.0], ["important", 1.1], [" word", 1.0]]),
+    ("(unbalanced", [["unbalanced", 1.1]]),
+    ("\\(literal\\]", [["(literal]", 1.0]]),
+    ("(unnecessary)(parens)", [["unnecessaryparens", 1.1]]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [["a ", 1.0], ["house", 1.5730000000000004], [" ", 1.1], ["on", 1.0], [" a ", 1.1], ["hill", 0.55],
+      [", sun, ", 1.1], ["sky", 1.4641000000000006], [".", 1.1]]),
+]
+
+# more cases, worked out by hand from A1111's rules (x1.1 per round bracket, x(1/1.1) per square bracket)
+OWN_EXAMPLES = [
+    ("", [["", 1.0]]),
+    ("a BREAK b", [["a", 1.0], ["BREAK", -1], ["b", 1.0]]),
+    ("BREAKING break BREAK", [["BREAKING break", 1.0], ["BREAK", -1], ["", 1.0]]),   # only the uppercase word
+    ("[[x]]", [["x", (1 / 1.1) * (1 / 1.1)]]),
+    ("((a)[b])", [["a", 1.1 * 1.1], ["b", (1 / 1.1) * 1.1]]),
+    ("(x:0)", [["x", 0.0]]),
+    ("(x:-1.5) [y", [["x", -1.5], [" ", 1.0], ["y", 1 / 1.1]]),
+    ("( x : 1.25 )", [[" x ", 1.25]]),
+    ("  (a)  ", [["  ", 1.0], ["a", 1.1], ["  ", 1.0]]),
+    ("a) b]", [["a) b]", 1.0]]),                          # closing with nothing open: text
+    ("(a:b)", [["a:b", 1.1]]),                            # not a weight: the colon is text
+    ("x:1.2) y", [["x:1.2) y", 1.0]]),                    # a weight with no open bracket is text
+    ("a \\\\ b \\[c\\)", [["a \\ b [c)", 1.0]]),
+    ("a\\b", [["ab", 1.0]]),                            # a lone backslash is dropped
+]
+
+
+@pytest.mark.parametrize("text, expected", A1111_EXAMPLES + OWN_EXAMPLES)
+def test_parse_prompt_attention_matches_a1111(text, expected):
+    assert parse_prompt_attention(text) == expected
+
+
+def test_bad_explicit_weight_says_what_to_write():
+    with pytest.raises(ConfigError, match=r"\(word:1\.3\)"):
+        parse_prompt_attention("(word:1.2.3)")
 
 
 def test_effective_te_and_strip():

@@ -33,8 +33,8 @@ from PIL.PngImagePlugin import PngInfo
 from .errors import ConfigError, InputFileError
 from .fileio import atomic_path, write_text_atomic
 from .progress import ProgressCallback, report
-from .prompt import strip_lora_tags
-from .prompt import parse_prompt
+from .prompt import parse_prompt, strip_lora_tags
+from .prompt_weights import prompt_embeds
 
 # A1111 sampler name -> (diffusers scheduler class, extra config). The mapping follows diffusers' own
 # table of A1111 equivalents; "Karras" variants switch on Karras sigmas.
@@ -112,6 +112,7 @@ class GenParams:
     height: int = 64
     sampler: str = "DDIM"
     model_name: str = "demo"
+    clip_skip: int = 1          # A1111's "Clip skip": 2 reads the text encoder's penultimate layer
 
     def check(self) -> "GenParams":
         """Raise ``ConfigError`` for values the pipeline would reject; return self with the canonical sampler."""
@@ -119,6 +120,9 @@ class GenParams:
             raise ConfigError(f"steps must be a whole number of at least 1, got {self.steps!r}.")
         if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg):
             raise ConfigError(f"cfg must be a finite number, got {self.cfg!r}.")
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise ConfigError(f"clip skip must be a whole number of at least 1, got {self.clip_skip!r}. "
+                              "Use 1 (no skip) or 2.")
         for what, v in (("width", self.width), ("height", self.height)):
             if not isinstance(v, int) or v < 8 or v % 8:
                 raise ConfigError(f"{what} must be a positive multiple of 8, got {v!r}. Try 64 for the demo "
@@ -163,8 +167,9 @@ def render(pipe, params: GenParams, loras: Iterable[Sequence] = (), progress: Pr
         return kwargs
 
     try:
-        result = pipe(prompt=strip_lora_tags(params.prompt), negative_prompt=params.negative_prompt or None,
-                      num_inference_steps=params.steps, guidance_scale=params.cfg,
+        # A1111's emphasis, BREAK and 75-token chunks, applied to the text embeddings
+        embeds = prompt_embeds(pipe, strip_lora_tags(params.prompt), params.negative_prompt, params.clip_skip)
+        result = pipe(**embeds, num_inference_steps=params.steps, guidance_scale=params.cfg,
                       width=params.width, height=params.height,
                       generator=torch.Generator(device="cpu").manual_seed(params.seed),
                       callback_on_step_end=on_step)
@@ -226,7 +231,8 @@ def infotext(params: GenParams, loras: Iterable[Sequence] = (), extra: dict[str,
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     fields_ = {"Steps": params.steps, "Sampler": params.sampler, "CFG scale": float(params.cfg),
-               "Seed": params.seed, "Size": f"{params.width}x{params.height}", "Model": params.model_name}
+               "Seed": params.seed, "Size": f"{params.width}x{params.height}", "Model": params.model_name,
+               "Clip skip": params.clip_skip if params.clip_skip != 1 else None}
     fields_.update(extra or {})
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields_.items() if v is not None and v != ""))
     return "\n".join(lines)
@@ -272,7 +278,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
         if schedule and schedule.lower() == "karras" and f"{sampler} Karras" in SAMPLERS:
             sampler = f"{sampler} Karras"
         out["sampler"] = sampler
-    convert = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int), "Model": ("model_name", str)}
+    convert = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int), "Model": ("model_name", str),
+               "Clip skip": ("clip_skip", int)}
     for key, (name, kind) in convert.items():
         if key in raw:
             try:

@@ -34,6 +34,9 @@ def test_infotext_matches_a1111_layout():
     ]
     # no negative prompt: no line for it (A1111 leaves it out)
     assert infotext(GenParams("x"), []).split("\n")[1].startswith("Steps: 20, ")
+    # A1111 writes "Clip skip" after the model, and only when it is not 1
+    assert infotext(GenParams("x", clip_skip=2)).split("\n")[1] == (
+        "Steps: 20, Sampler: DDIM, CFG scale: 4.0, Seed: 0, Size: 64x64, Model: demo, Clip skip: 2")
     # values with commas or colons are JSON-quoted, as A1111's quote() does
     assert 'Model: "C:\\\\models\\\\a,b"' in infotext(GenParams("x", model_name="C:\\models\\a,b"))
 
@@ -42,6 +45,7 @@ def test_infotext_matches_a1111_layout():
     (GenParams("a red circle"), []),
     (GenParams("a blue square, simple", negative_prompt="noise, text", steps=7, cfg=7.5, seed=123456789,
                width=128, height=96, sampler="DPM++ 2M Karras", model_name="sd15/model: v1"), [("a", 1.0)]),
+    (GenParams("a (red:1.3) circle BREAK [square]", clip_skip=2), []),
     (GenParams("multi\nline prompt", negative_prompt="two\nlines", sampler="Euler a"),
      [("style/stripes", -0.5), ("b", 0.3, 0.7), ("c", 0.123456789)]),
 ])

@@ -1,5 +1,5 @@
 """prompt_weights.py: A1111 emphasis, 75-token chunks and BREAK as conditioning tensors, checked against the
-pipeline's own ``encode_prompt`` (the demo SD1 pipeline and the tiny SDXL one)."""
+pipeline's own ``encode_prompt`` (the demo SD1 pipeline, the tiny SD2 and SDXL ones)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ FIRST_75 = "red circle " * 37 + "red"
 LAST_75 = "circle " + "red circle " * 37
 
 
-@pytest.fixture(params=["sd1", "sdxl"])
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
 def pipe(request, demo_pipe):
-    return demo_pipe if request.param == "sd1" else tiny_pipeline("sdxl")
+    return demo_pipe if request.param == "sd1" else tiny_pipeline(request.param)
 
 
 def is_sdxl(pipe) -> bool:

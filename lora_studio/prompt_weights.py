@@ -110,12 +110,13 @@ def encode_chunk(pipe, tokenizer, encoder, chunk: Chunk, clip_skip: int = 1):
 def encode_weighted(pipe, text: str, clip_skip: int = 1, chunks: int = 0):
     """``text`` (no ``<lora:...>`` tags) as conditioning: ``(embeds (1, 77 * n, width), pooled or None)`` with
     at least ``chunks`` chunks (more are added as the empty prompt's chunk, as A1111 pads cond and uncond)."""
-    per_encoder = [chunk_prompt(tok, text) for tok, _ in _encoders(pipe)]
+    encoders = _encoders(pipe)
+    per_encoder = [chunk_prompt(tok, text) for tok, _ in encoders]
     count = max([chunks] + [len(c) for c in per_encoder])
     rows, pooled = [], None
     for index in range(count):
         parts = []
-        for (tok, enc), encoder_chunks in zip(_encoders(pipe), per_encoder):
+        for (tok, enc), encoder_chunks in zip(encoders, per_encoder):
             chunk = encoder_chunks[index] if index < len(encoder_chunks) else Chunk()
             hidden, chunk_pooled = encode_chunk(pipe, tok, enc, chunk, clip_skip)
             parts.append(hidden)
@@ -126,6 +127,7 @@ def encode_weighted(pipe, text: str, clip_skip: int = 1, chunks: int = 0):
 
 
 def chunk_count(pipe, text: str) -> int:
+    """How many 77-token chunks ``text`` takes (the most over the pipeline's tokenizers)."""
     return max(len(chunk_prompt(tok, text)) for tok, _ in _encoders(pipe))
 
 
@@ -134,12 +136,10 @@ def prompt_embeds(pipe, prompt: str, negative_prompt: str = "", clip_skip: int =
     ``negative_prompt_embeds`` and, for SDXL, the pooled pair), both with the same number of chunks. An empty
     negative prompt on SDXL gives zeros when the pipeline asks for that (``force_zeros_for_empty_prompt``),
     as A1111 and diffusers do."""
-    count = max(chunk_count(pipe, prompt), chunk_count(pipe, negative_prompt))
-    embeds, pooled = encode_weighted(pipe, prompt, clip_skip, count)
-    negative, negative_pooled = encode_weighted(pipe, negative_prompt, clip_skip, count)
-    zero_negative = (not negative_prompt and _is_sdxl(pipe)
-                     and getattr(pipe.config, "force_zeros_for_empty_prompt", False))
-    if zero_negative:
+    embeds, pooled = encode_weighted(pipe, prompt, clip_skip, chunk_count(pipe, negative_prompt))
+    chunks = embeds.shape[1] // (CHUNK_TOKENS + 2)
+    negative, negative_pooled = encode_weighted(pipe, negative_prompt, clip_skip, chunks)
+    if not negative_prompt and _is_sdxl(pipe) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         negative = torch.zeros_like(negative)
         negative_pooled = torch.zeros_like(negative_pooled) if negative_pooled is not None else None
     kwargs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}

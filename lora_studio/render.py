@@ -278,8 +278,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
         if schedule and schedule.lower() == "karras" and f"{sampler} Karras" in SAMPLERS:
             sampler = f"{sampler} Karras"
         out["sampler"] = sampler
-    convert = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int), "Model": ("model_name", str),
-               "Clip skip": ("clip_skip", int)}
+    convert = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int),
+               "Model": ("model_name", str), "Clip skip": ("clip_skip", int)}
     for key, (name, kind) in convert.items():
         if key in raw:
             try:

@@ -149,3 +149,11 @@ def test_render_records_clip_skip(demo_pipe):
     assert params_from_infotext(rendered.infotext)[0].clip_skip == 2
     with pytest.raises(ConfigError, match="clip skip"):
         render(demo_pipe, GenParams("a red circle", steps=2, clip_skip=0))
+
+
+def test_a_longer_negative_prompt_pads_the_prompt(demo_pipe):
+    got = prompt_embeds(demo_pipe, "blurry", LONG)
+    blurry, _, _, _ = reference(demo_pipe, "blurry")
+    empty, _, _, _ = reference(demo_pipe, "")
+    assert torch.equal(got["prompt_embeds"], torch.cat([blurry, empty], dim=1))
+    assert got["negative_prompt_embeds"].shape[1] == 154

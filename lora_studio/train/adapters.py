@@ -106,7 +106,8 @@ def _matches(name: str, target: str) -> bool:
 
 def to_kohya_modules(inj: InjectedLora, dtype: torch.dtype = torch.float32) -> dict[str, LoraModule]:
     """The trained layers as kohya modules: ``up @ down * alpha / rank`` equals what the model adds to each weight
-    (relative to the original base weight, also for PiSSA and rsLoRA)."""
+    (relative to the original base weight, also for PiSSA and rsLoRA); DoRA magnitudes as LyCORIS's
+    ``dora_scale`` (one per output row: (out, 1) for linear, (out, 1, 1, 1) for conv layers)."""
     out: dict[str, LoraModule] = {}
     for name, layer in inj.layers.items():
         down = layer.lora_A[ADAPTER].weight.detach().float()
@@ -119,7 +120,11 @@ def to_kohya_modules(inj: InjectedLora, dtype: torch.dtype = torch.float32) -> d
         kohya = kohya_module_name(inj.prefix, name)
         mod = LoraModule.from_updown(kohya, down.to(dtype), up.to(dtype), alpha=scale * rank)
         if getattr(layer, "lora_magnitude_vector", None) and ADAPTER in layer.lora_magnitude_vector:
-            mod.tensors["dora_scale"] = layer.lora_magnitude_vector[ADAPTER].weight.detach().to(dtype)
+            # peft keeps one magnitude per output row as (out,) or, for convs, (1, out, 1, 1); files carry
+            # LyCORIS's layout, (out, 1) / (out, 1, 1, 1), the one ComfyUI reads as per-output
+            w = layer.get_base_layer().weight
+            magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach()
+            mod.tensors["dora_scale"] = magnitude.reshape(w.shape[0], *[1] * (w.dim() - 1)).to(dtype)
         out[kohya] = mod
     return out
 

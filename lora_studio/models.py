@@ -178,10 +178,26 @@ def _no_meta_weights(pipe, path: str) -> None:
                                  "It is incomplete: use a full checkpoint.")
 
 
+# diffusers' scheduler ``prediction_type`` -> the model-spec spelling of ``modelspec.prediction_type``
+MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+def modelspec_prediction_type(scheduler_value: str | None) -> str | None:
+    """``"v_prediction"`` -> ``"v"``, ``"epsilon"`` -> ``"epsilon"`` (what checkpoints declare); None otherwise."""
+    return MODELSPEC_PREDICTION_TYPES.get(str(scheduler_value or "").strip().lower())
+
+
+def scheduler_prediction_type(declared: str | None) -> str | None:
+    """A declared ``modelspec.prediction_type`` as diffusers' scheduler spells it (``"v"`` and the diffusers
+    spelling ``"v_prediction"`` both read as v); None when absent or unknown."""
+    value = str(declared or "").strip().lower()
+    return value if value in MODELSPEC_PREDICTION_TYPES else \
+        {v: k for k, v in MODELSPEC_PREDICTION_TYPES.items()}.get(value)
+
+
 def _apply_prediction_type(pipe, metadata: dict[str, str]) -> None:
     """Honour a ``modelspec.prediction_type`` the file declares (SD2 512-base is epsilon, 768 is v)."""
-    declared = metadata.get("modelspec.prediction_type", "").strip().lower()
-    wanted = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}.get(declared)
+    wanted = scheduler_prediction_type(metadata.get("modelspec.prediction_type"))
     if wanted and pipe.scheduler.config.get("prediction_type") != wanted:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=wanted)
 

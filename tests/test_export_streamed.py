@@ -36,7 +36,7 @@ def _inputs(family, tmp_path, **lora_kw):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_streamed_export_equals_the_in_memory_export(family, dtype, tmp_path, monkeypatch):
     import lora_studio.export.checkpoint as export
-    from lora_studio.models import load_pipeline
+    from lora_studio.models import describe_checkpoint, load_pipeline
 
     pipe, cfg, base, mods = _inputs(family, tmp_path)
     if family is not Family.SD1:  # a q/k/v target of the OpenCLIP encoder lands in a third of in_proj_weight
@@ -69,6 +69,11 @@ def test_streamed_export_equals_the_in_memory_export(family, dtype, tmp_path, mo
     assert len(changed) <= len(mods)
     _, meta = read_safetensors_header(streamed.out)
     assert meta["modelspec.title"] == "s" and json.loads(meta["lora_studio.merged_loras"])[0]["strength"] == 0.8
+    # the base's prediction type, in the model spec's spelling, for the inspector and for loading back
+    want = {"epsilon": "epsilon", "v_prediction": "v"}[loaded.pipe.scheduler.config.prediction_type]
+    assert want == ("v" if family is Family.SD2 else "epsilon")
+    for res in (streamed, in_memory):
+        assert describe_checkpoint(res.out)["metadata"]["modelspec.prediction_type"] == want
 
     if dtype == "fp32":  # and what loads back is the LoRA merged, checked against an independent merge
         live = tiny_pipeline(family)

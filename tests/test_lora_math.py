@@ -123,3 +123,86 @@ def test_dora_kohya_direction_follows_the_scale_shape():
                     (torch.rand(5, 1, generator=g(4)) + 0.5, merged.norm(dim=1, keepdim=True))):
         mod = LoraModule("d", "lora", {"lora_down.weight": down, "lora_up.weight": up, "dora_scale": m}, None, 2)
         torch.testing.assert_close(w0 + module_delta(mod, (5, 5), base=w0), m * merged / norm)
+
+
+class _DoraTargets(torch.nn.Module):
+    """A linear, a square conv (in == out, where peft's (1, out, 1, 1) looks like a per-input scale) and a
+    non-square conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 12, bias=False)
+        self.square = torch.nn.Conv2d(8, 8, 3, bias=False)
+        self.wide = torch.nn.Conv2d(6, 10, 3, bias=False)
+
+
+def _trained_dora(seed=0):
+    """The trainer's peft DoRA layers on ``_DoraTargets`` with random factors and magnitudes, and the W0s."""
+    from lora_studio.train.adapters import inject_lora
+    from lora_studio.train.config import TrainConfig
+
+    torch.manual_seed(seed)
+    model = _DoraTargets()
+    w0 = {n: getattr(model, n).weight.detach().clone() for n in ("lin", "square", "wide")}
+    cfg = TrainConfig(rank=3, alpha=6.0, use_dora=True, target_modules=list(w0))
+    inj = inject_lora(model, cfg, list(w0), "lora_unet_")
+    with torch.no_grad():
+        for layer in inj.layers.values():
+            layer.lora_A["default"].weight.normal_(0, 0.3)
+            layer.lora_B["default"].weight.normal_(0, 0.3)
+            mag = layer.lora_magnitude_vector["default"].weight
+            mag.mul_(1 + 0.3 * torch.rand_like(mag))
+    return model, inj, w0
+
+
+@pytest.mark.parametrize("name", ["lin", "square", "wide"])
+def test_trained_dora_file_merges_as_peft_does(tmp_path, name):
+    """The trainer's DoRA, written as a kohya file and read back, merges (strength 1) to peft's own merge, in
+    LyCORIS's (out, 1, ...) layout that ComfyUI reads per output."""
+    from lora_studio.lora.writer import save_kohya_lora
+    from lora_studio.train.adapters import to_kohya_modules
+
+    model, inj, w0 = _trained_dora()
+    save_kohya_lora(to_kohya_modules(inj), tmp_path / "dora.safetensors")
+    mod = read_lora(tmp_path / "dora.safetensors").modules[f"lora_unet_{name}"]
+    assert tuple(mod.tensors["dora_scale"].shape) == (w0[name].shape[0],) + (1,) * (w0[name].dim() - 1)
+    layer = getattr(model, name)
+    layer.merge()
+    merged = layer.get_base_layer().weight.detach()
+    ours = w0[name] + module_delta(mod, tuple(w0[name].shape), base=w0[name])
+    assert (merged - w0[name]).abs().max() > 1e-2
+    torch.testing.assert_close(ours, merged, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["square", "wide"])
+def test_dora_files_in_the_old_trainer_layout_read_per_output(tmp_path, name):
+    """Kohya files LoRA Studio's trainer wrote with peft's conv magnitude (1, out, 1, 1) still merge as peft does;
+    the same shape in another kohya file is LyCORIS's per-input layout (as ComfyUI reads it)."""
+    from lora_studio.lora.writer import save_kohya_lora
+    from lora_studio.train.adapters import to_kohya_modules
+
+    model, inj, w0 = _trained_dora(seed=1)
+    mods = to_kohya_modules(inj)
+    for n, layer in inj.layers.items():
+        mods[f"lora_unet_{n}"].tensors["dora_scale"] = layer.lora_magnitude_vector["default"].weight.detach().clone()
+    args = json.dumps({"init": "gaussian", "rslora": False, "dora": True, "unet_targets": list(w0)})
+    save_kohya_lora(mods, tmp_path / "old.safetensors", {"ss_network_args": args})
+    save_kohya_lora(mods, tmp_path / "other.safetensors")
+    layer = getattr(model, name)
+    layer.merge()
+    merged = layer.get_base_layer().weight.detach()
+    old = read_lora(tmp_path / "old.safetensors")
+    assert any("(1, out, 1, 1)" in n for n in old.notes)
+    ours = w0[name] + module_delta(old.modules[f"lora_unet_{name}"], tuple(w0[name].shape), base=w0[name])
+    torch.testing.assert_close(ours, merged, atol=1e-5, rtol=1e-4)
+    other = read_lora(tmp_path / "other.safetensors").modules[f"lora_unet_{name}"]
+    if name == "wide":  # (1, 10, 1, 1) against 6 inputs: refused, not guessed
+        with pytest.raises(LoraFormatError, match=r"\(10, 1, \.\.\.\) per output or \(1, 6, \.\.\.\) per input"):
+            module_delta(other, tuple(w0[name].shape), base=w0[name])
+    else:
+        m = other.tensors["dora_scale"]
+        full = w0[name] + (other.tensors["lora_up.weight"].flatten(1) @ other.tensors["lora_down.weight"].flatten(1)
+                           ).reshape(w0[name].shape) * other.scale
+        per_input = m * full / full.transpose(0, 1).reshape(8, -1).norm(dim=1).reshape(1, 8, 1, 1)
+        torch.testing.assert_close(w0[name] + module_delta(other, tuple(w0[name].shape), base=w0[name]), per_input,
+                                   atol=1e-5, rtol=1e-4)

@@ -98,8 +98,8 @@ def test_dora_writes_a_magnitude_per_output():
     cfg = TrainConfig(rank=2, alpha=2.0, use_dora=True, target_modules=["to_q"])
     inj = inject_lora(model, cfg, ["to_q"], "lora_x_")
     (mod,) = to_kohya_modules(inj).values()
-    assert mod.tensors["dora_scale"].shape == (10,)
-    torch.testing.assert_close(mod.tensors["dora_scale"], model.attn.to_q.base_layer.weight.norm(dim=1))
+    assert mod.tensors["dora_scale"].shape == (10, 1)   # LyCORIS's layout (peft's is (10,))
+    torch.testing.assert_close(mod.tensors["dora_scale"], model.attn.to_q.base_layer.weight.norm(dim=1, keepdim=True))
 
 
 def test_unknown_targets_are_a_config_error():

@@ -11,7 +11,7 @@ from train_configs import tiny_config
 from lora_studio.demo import make_demo_dataset
 from lora_studio.fileio import load_safetensors
 from lora_studio.mix import LoraMixer
-from lora_studio.lora.keys import kohya_module_name
+from lora_studio.lora.keys import UnetLayout, kohya_module_name
 from lora_studio.train.conditioning import sdxl_time_ids
 from lora_studio.train.dataset import ImageItem
 from lora_studio.train.trainer import train
@@ -26,8 +26,12 @@ def data(tmp_path_factory):
 
 def _merge_by_hand(pipe, tensors, prefixes):
     names = {}
+    sdxl = "text_encoder_2" in prefixes.values()
     for prefix, module in prefixes.items():
-        names.update({kohya_module_name(prefix, n): m for n, m in getattr(pipe, module).named_modules()})
+        model = getattr(pipe, module)
+        layout = UnetLayout.from_config(model.config) if sdxl and module == "unet" else None  # kohya's SDXL names
+        names.update({kohya_module_name(prefix, n, layout): m for n, m in model.named_modules()
+                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
     downs = [k for k in tensors if k.endswith(".lora_down.weight")]
     unknown = [k for k in downs if k[: -len(".lora_down.weight")] not in names]
     assert downs and not unknown, unknown[:3]
@@ -81,6 +85,45 @@ def test_family_training_writes_a_file_diffusers_applies_exactly(data, tmp_path,
         mixer.apply()
         torch.testing.assert_close(mixed.unet(x, t, encoder_hidden_states=ctx, **extra).sample, expected,
                                    rtol=1e-4, atol=1e-5)
+
+
+SDXL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                "time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1", "add_embedding.linear_2"]
+
+
+def test_sdxl_file_uses_kohya_names_and_diffusers_loads_every_module(data, tmp_path):
+    """An SDXL LoRA over every target kind is written in kohya's original-layout UNet names, and diffusers'
+    own ``load_lora_weights`` + ``fuse_lora`` changes every weight exactly as LoRA Studio's mixer does (in the
+    diffusers spelling diffusers merged add_embedding.linear_1 and _2 into one name and dropped both)."""
+    cfg = tiny_config(data, tmp_path, run_name="sdxl-all", steps=2, target_modules=SDXL_TARGETS)
+    res = train(cfg, pipeline=tiny_pipeline("sdxl"))
+    tensors, _ = load_safetensors(res.lora_path)
+    names = {k.split(".")[0] for k in tensors}
+    assert names and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+                                       "lora_unet_time_embed_", "lora_unet_label_emb_")) for n in names), sorted(names)
+    assert {"lora_unet_time_embed_0", "lora_unet_time_embed_2", "lora_unet_label_emb_0_0",
+            "lora_unet_label_emb_0_2", "lora_unet_input_blocks_1_0_in_layers_2",
+            "lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_2"} <= names
+
+    base = tiny_pipeline("sdxl")
+    w0 = {n: m.weight.detach().clone() for n, m in base.unet.named_modules()
+          if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    mixed = tiny_pipeline("sdxl")
+    mixer = LoraMixer(mixed)
+    mixer.add(res.lora_path)
+    assert mixer.entries[0].unmatched == [] and mixer.entries[0].matched == len(names)
+    mixer.apply()
+    ours = {n: m.weight.detach() for n, m in mixed.unet.named_modules() if n in w0}
+    changed = {n for n in w0 if not torch.equal(ours[n], w0[n])}
+    assert len(changed) == len(names)
+
+    theirs = tiny_pipeline("sdxl")
+    theirs.load_lora_weights(str(res.lora_path), adapter_name="t")
+    theirs.fuse_lora()
+    theirs.unload_lora_weights()
+    for n in w0:
+        got = theirs.unet.get_submodule(n).weight.detach()
+        torch.testing.assert_close(got, ours[n], rtol=1e-5, atol=1e-6, msg=f"{n}: diffusers differs")
 
 
 def test_sdxl_time_ids_follow_diffusers_order():

@@ -165,7 +165,8 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
                       for k, v in pipeline_to_ldm_state_dict(pipe, family).items()}
             _check_finite(sd.items(), str(out))
             _check_stop(stop, out)
-            meta = checkpoint_metadata(base_metadata(source), family, out.stem, records, dtype, base_name)
+            meta = checkpoint_metadata(base_metadata(source), family, out.stem, records, dtype, base_name,
+                                       pipe.scheduler.config.get("prediction_type", "epsilon"))
             report(progress, "write", 0, 1, str(out))
             save_safetensors_atomic(sd, out, meta)
             del sd

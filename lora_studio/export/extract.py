@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ExportError, LoraFormatError
-from ..family import require_same_family
-from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UNET_PREFIX, kohya_module_name
+from ..family import Family, require_same_family
+from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UNET_PREFIX, UnetLayout, kohya_module_name
 from ..lora.module import LoraModule
 from ..lora.rank import ResizeStat, check_method, extract_delta, summarize
 from ..models import load_base
@@ -64,7 +64,8 @@ def extract_lora(tuned, base, out: str | os.PathLike, method: str = "energy", va
         if missing:
             raise LoraFormatError(f"the tuned and base models differ in structure (e.g. layer {missing[0]}); "
                                   "extract from two checkpoints of the same architecture.")
-        jobs += [(kohya_module_name(prefix, n), t_layers[n], b_layers[n]) for n in sorted(t_layers)]
+        layout = UnetLayout.from_config(b_model.config) if prefix == UNET_PREFIX and fam_b is Family.SDXL else None
+        jobs += [(kohya_module_name(prefix, n, layout), t_layers[n], b_layers[n]) for n in sorted(t_layers)]
     modules: dict[str, LoraModule] = {}
     stats: list[ResizeStat] = []
     skipped = 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..family import Family
 from ..fileio import read_safetensors_header
 from ..mix import LoraMixer
+from ..models import modelspec_prediction_type
 from .lora_ops import file_sha256
 
 FORMATS = ("single_file", "diffusers")
@@ -71,8 +72,10 @@ def base_metadata(source: Path | None) -> dict[str, str]:
 
 
 def checkpoint_metadata(base_meta: dict[str, str], family: Family, title: str, records: list[dict],
-                        dtype: str, base_name: str) -> dict[str, str]:
-    """Base metadata + what was merged + model-spec keys for a merged checkpoint."""
+                        dtype: str, base_name: str, prediction_type: str | None = None) -> dict[str, str]:
+    """Base metadata + what was merged + model-spec keys for a merged checkpoint. ``prediction_type`` is the base
+    pipeline's scheduler's (``"epsilon"``, ``"v_prediction"``), written as the model spec spells it (``"epsilon"``,
+    ``"v"``), which ``models.load_base`` reads back."""
     res = family.default_resolution
     meta = {k: v for k, v in base_meta.items() if k != "modelspec.hash_sha256"}
     meta.update({
@@ -87,4 +90,6 @@ def checkpoint_metadata(base_meta: dict[str, str], family: Family, title: str, r
         "lora_studio.merged_loras": json.dumps(records),
         "lora_studio.dtype": dtype,
     })
+    if modelspec_prediction_type(prediction_type):
+        meta["modelspec.prediction_type"] = modelspec_prediction_type(prediction_type)
     return meta

@@ -41,7 +41,7 @@ from ..ldm import SD2_FULL_TEXT_LAYERS, detect_family_from_ldm_keys, pipeline_to
 from ..ldm.locate import LdmLocation, ldm_location
 from ..ldm.text import OPENCLIP_LOGIT_SCALE
 from ..lora.math import module_delta
-from ..models import check_config_dir
+from ..models import check_config_dir, scheduler_prediction_type
 from ..progress import ProgressCallback, StopFlag, report
 from .plan import OVERFLOW_REMEDY, ExportResult, checkpoint_metadata, merge_records, mixer_on
 
@@ -148,13 +148,23 @@ def _layout(stored: dict[str, torch.dtype], shapes: dict[str, tuple], want: torc
     return sorted(((k, _out_dtype(d, want), shapes[k]) for k, d in stored.items()), key=lambda e: (-e[1].itemsize, e[0]))
 
 
-def _merge_plan(skeleton, family: Family, loras, base_meta: dict, out: Path, dtype_name: str, base_name: str):
+def _prediction_type(config_dir: Path, base_meta: dict) -> str:
+    """The base's prediction type as ``models.load_base`` would set it: the one the file declares, else its
+    config's scheduler's (diffusers' default: epsilon)."""
+    sched = config_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else {}
+    return scheduler_prediction_type(base_meta.get("modelspec.prediction_type")) or \
+        config.get("prediction_type", "epsilon")
+
+
+def _merge_plan(skeleton, family: Family, loras, base_meta: dict, out: Path, dtype_name: str, base_name: str,
+                prediction_type: str | None = None):
     """The LoRAs matched on the skeleton: (layers changed, checkpoint key -> targets, records, file metadata)."""
 
     mixer = mixer_on(skeleton, loras)
     plan = mixer.contributions()
     records = merge_records(mixer)
-    meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base_name)
+    meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base_name, prediction_type)
     return len(plan), _targets(plan, skeleton, family), records, meta
 
 
@@ -190,7 +200,8 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
     _check_skeleton(header, skeleton, family, str(base), cfg)
     report(progress, "load", 1, 1, str(base))
 
-    n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, base_meta, out, dtype_name, base.name)
+    n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, base_meta, out, dtype_name, base.name,
+                                                    _prediction_type(cfg, base_meta))
     keys = [k for k in header if not k.startswith(DROPPED_PREFIXES)]
     stored = {k: TORCH_DTYPES.get(header[k]["dtype"]) for k in keys}
     unreadable = [k for k, d in stored.items() if d is None]
@@ -322,7 +333,8 @@ def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.
     recipes, made = _folder_recipes(folder, skeleton, family)
     report(progress, "load", 1, 1, str(folder))
 
-    n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, {}, out, dtype_name, folder.name)
+    n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, {}, out, dtype_name, folder.name,
+                                                    _prediction_type(folder, {}))
     stored = {k: TORCH_DTYPES.get(e[1][0][1]["dtype"]) for k, e in recipes.items()}
     stored.update({k: t.dtype for k, t in made.items()})
     if any(d is None for d in stored.values()):

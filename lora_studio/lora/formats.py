@@ -100,11 +100,37 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         raise _fail(p, "non-finite weights (NaN or inf); the file is broken, download or export it again",
                     nonfinite)
     lf = LoraFile(p, modules, metadata, fmt, None, embeddings)
+    if fmt == "kohya" and _peft_dora_layout(metadata):
+        legacy = [m for m in modules.values() if "dora_scale" in m.tensors and m.tensors["dora_scale"].dim() > 2]
+        for mod in legacy:
+            _dora_per_output(mod)
+        if legacy:
+            lf.notes.append("DoRA magnitudes in peft's conv layout (1, out, 1, 1), as LoRA Studio's trainer wrote "
+                            "them before it wrote LyCORIS's (out, 1, 1, 1): read per output")
     if fmt == "cloneofsimo":
         lf.notes.append("cloneofsimo layout: modules named by position in the SD UNet/CLIP order, checked "
                         "against their shapes; token vectors are not applied")
     lf.family = _family(lf)
     return lf
+
+
+def _peft_dora_layout(metadata: Mapping[str, str]) -> bool:
+    """Whether a kohya file is a DoRA LoRA from LoRA Studio's trainer (``ss_network_args`` with its
+    ``unet_targets`` and ``dora``). Before it wrote LyCORIS's ``(out, 1, 1, 1)``, that trainer stored peft's conv
+    magnitude ``(1, out, 1, 1)``, which is per output; in other kohya files ``(1, n, 1, 1)`` is per input."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        return False
+    return isinstance(args, dict) and "unet_targets" in args and args.get("dora") is True
+
+
+def _dora_per_output(mod: LoraModule) -> None:
+    """Reshape a magnitude known to be per output row into LyCORIS's ``(out, 1, ...)`` (see ``math``)."""
+    nat = natural_shape(mod)
+    m = mod.tensors["dora_scale"]
+    if m.numel() == nat[0]:
+        mod.tensors["dora_scale"] = m.reshape(nat[0], *[1] * (len(nat) - 1))
 
 
 def _refuse_foreign(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
@@ -261,7 +287,7 @@ def _group_peft(p: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[
         mod = modules[names[key][0]]
         mod.extra["peft_name"] = f"{comp}.{module}"
         if "dora_scale" in mod.tensors:  # peft keeps one magnitude per output ((out,) or conv (1, out, 1, 1))
-            mod.tensors["dora_scale"] = mod.tensors["dora_scale"].reshape(-1)
+            _dora_per_output(mod)
         if mod.alpha is None:
             alpha = _peft_alpha(p, metadata, comp, module)
             if alpha is not None:

@@ -38,13 +38,23 @@ KOHYA_PREFIXES = (UNET_PREFIX, TE1_PREFIX, TE2_PREFIX, TE_PREFIX)
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def kohya_module_name(prefix: str, module_name: str) -> str:
+def kohya_module_name(prefix: str, module_name: str, layout: "UnetLayout | None" = None) -> str:
     """``("lora_unet_", "down_blocks.0.attentions.0.proj_in")`` -> ``"lora_unet_down_blocks_0_attentions_0_proj_in"``.
 
+    With a UNet ``layout`` (SDXL), UNet names are written in the original (ldm) layout, as kohya's sd-scripts
+    writes SDXL files: ``lora_unet_input_blocks_1_1_proj_in``, ``lora_unet_label_emb_0_0``; diffusers'
+    ``load_lora_weights`` reads SDXL files only in that spelling (it merges ``add_embedding_linear_1`` and
+    ``_2`` into one name). A module outside that layout raises ``LoraFormatError``.
     Text-encoder module names are written in the spelling real kohya files use
     (``text_model.encoder.layers...``), adding the ``text_model.`` level that
     transformers 5.x ``CLIPTextModel`` no longer has.
     """
+    if prefix == UNET_PREFIX and layout is not None:
+        ldm = diffusers_unet_to_ldm(module_name, layout)
+        if ldm is None:
+            raise LoraFormatError(f"UNet module {module_name} has no name in the original (ldm) SDXL layout that "
+                                  "kohya's SDXL LoRA files use; leave it out of the target modules.")
+        module_name = ldm
     if prefix != UNET_PREFIX and module_name.startswith("encoder.layers."):
         module_name = "text_model." + module_name
     return prefix + module_name.replace(".", "_")

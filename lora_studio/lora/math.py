@@ -4,9 +4,22 @@ Written by hand: diffusers/peft apply only classic LoRA (and DoRA) to diffusers 
 applies LyCORIS LoHa or LoKr to diffusers modules (diffusers' ``load_lora_weights`` rejects them).
 
 * DoRA (``dora_scale`` m): the merged weight is ``m * (W0 + delta) / ||W0 + delta||`` where the norm runs
-  over every axis except the one m keeps: m of shape (out, 1, ...) or peft's (out,) normalises each output row;
-  m of shape (1, in, ...) (kohya/A1111 files) each input column. As a delta: ``that - W0``. Strength then
-  scales this delta linearly, as AUTOMATIC1111 does (at strength 1 this equals the LyCORIS/peft merge).
+  over every axis except the one m keeps. Which axis m keeps is read from where its singleton axes sit, never
+  guessed from sizes (so a square convolution is unambiguous):
+
+  - ``(out, 1)`` / ``(out, 1, 1, 1)`` (LyCORIS ``wd_on_out``, what LoRA Studio writes and ComfyUI reads) and a
+    1-D ``(out,)`` (peft's linear magnitude): one magnitude per output row;
+  - ``(1, in)`` / ``(1, in, 1, 1)`` (LyCORIS without ``wd_on_out``, kohya/A1111 files): one per input column.
+
+  peft's conv magnitude ``(1, out, 1, 1)`` is per *output* (peft's ``_DoraConvNdLayer`` takes the norm over
+  every axis but the output one) although it looks like the input layout: the reader (``formats.read_lora``)
+  turns peft's magnitudes, and those of kohya files LoRA Studio's trainer wrote before it used LyCORIS's
+  layout, into ``(out, 1, ...)`` before they reach this module.
+
+  As a delta: ``D = that - W0``. Strength s scales D linearly, ``W = W0 + s * D``, as ComfyUI does
+  (``weight_decompose``: ``weight += strength * (weight_calc - weight)``). LyCORIS's own runtime instead
+  applies ``W = (W0 + s*delta) * (1 + s * (m / ||W0 + s*delta|| - 1))``: both equal peft's merge at s = 1 and
+  differ at any other strength (below 1 LyCORIS renormalises the partly added delta).
 """
 
 from __future__ import annotations
@@ -50,16 +63,20 @@ def apply_dora(delta: torch.Tensor, base: torch.Tensor, dora_scale: torch.Tensor
     w0 = _f(base)
     merged = w0 + delta
     m = _f(dora_scale)
+    out_dim, in_dim = merged.shape[0], merged.shape[1]
     rest = [1] * (merged.dim() - 1)
-    if m.dim() == 1 or (m.shape[0] == merged.shape[0] and m.shape[0] != 1):  # one magnitude per output row
-        m = m.reshape(merged.shape[0], *rest)
-        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(m.shape)
-    elif m.numel() == merged.shape[1]:  # one magnitude per input column (kohya / A1111 files)
-        m = m.reshape(1, merged.shape[1], *rest[1:])
-        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(m.shape)
+    shape = tuple(m.shape)
+    if shape == (out_dim,) or (m.dim() >= 2 and shape[0] == out_dim and all(s == 1 for s in shape[1:])):
+        m = m.reshape(out_dim, *rest)                       # one magnitude per output row
+        norm = merged.reshape(out_dim, -1).norm(dim=1).reshape(m.shape)
+    elif m.dim() >= 2 and shape[0] == 1 and shape[1] == in_dim and all(s == 1 for s in shape[2:]):
+        m = m.reshape(1, in_dim, *rest[1:])                 # one magnitude per input column
+        norm = merged.transpose(0, 1).reshape(in_dim, -1).norm(dim=1).reshape(m.shape)
     else:
-        raise LoraFormatError(f"dora_scale of shape {tuple(dora_scale.shape)} fits neither the outputs nor the "
-                              f"inputs of a weight of shape {tuple(merged.shape)}.")
+        raise LoraFormatError(f"dora_scale of shape {shape} fits neither the outputs nor the inputs of a weight "
+                              f"of shape {tuple(merged.shape)}: DoRA magnitudes are ({out_dim}, 1, ...) per output "
+                              f"or (1, {in_dim}, ...) per input. The file is damaged or was made for another "
+                              "model: download or export it again.")
     return merged * (m / norm) - w0
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LoraFormatError
 from ..lora.formats import LoraModule
-from ..lora.keys import kohya_module_name
+from ..lora.keys import UnetLayout, kohya_module_name
 from .config import TrainConfig
 
 ADAPTER = "default"
@@ -29,6 +29,7 @@ class InjectedLora:
     layers: dict[str, nn.Module]                    # module name -> peft LoraLayer
     pissa_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (A0, B0)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights that PiSSA changed
+    unet_layout: UnetLayout | None = None           # SDXL UNet: kohya names in the original (ldm) layout
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for n, p in layer.named_parameters()
@@ -48,9 +49,11 @@ def peft_lora_config(cfg: TrainConfig, targets: list[str]):
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
 
 
-def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: str) -> InjectedLora:
+def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: str,
+                unet_layout: UnetLayout | None = None) -> InjectedLora:
     """Add trainable LoRA layers to ``model`` (frozen otherwise). Works for UNets and transformers 5.x CLIP
-    text encoders alike (``add_adapter`` does not work on the latter)."""
+    text encoders alike (``add_adapter`` does not work on the latter). ``unet_layout`` (an SDXL UNet's) makes
+    the exported names kohya's original-layout ones (``keys.kohya_module_name``)."""
     from peft import inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
@@ -67,6 +70,13 @@ def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: 
                           f"({out_dim} outputs x {in_dim} inputs: rank {min(out_dim, in_dim)} already changes it "
                           f"fully; {len(too_wide)} target layer(s) affected). Lower rank to "
                           f"{min(min(o, i) for _, o, i in too_wide)} or less.")
+    if unet_layout is not None:  # every target needs a kohya SDXL name: refuse before training, not at saving
+        for n, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(n, t) for t in targets):
+                try:
+                    kohya_module_name(prefix, n, unet_layout)
+                except LoraFormatError as err:
+                    raise ConfigError(str(err)) from err
     model.requires_grad_(False)
     try:
         inject_adapter_in_model(peft_lora_config(cfg, targets), model, adapter_name=ADAPTER)
@@ -82,7 +92,7 @@ def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: 
         pissa_start = {n: (l.lora_A[ADAPTER].weight.detach().clone(), l.lora_B[ADAPTER].weight.detach().clone())
                        for n, l in layers.items()}
         originals = {n: w for n, w in originals.items() if n in layers}
-    return InjectedLora(model, prefix, layers, pissa_start, originals)
+    return InjectedLora(model, prefix, layers, pissa_start, originals, unet_layout)
 
 
 def skips_input_casts(cfg: TrainConfig) -> bool:
@@ -106,7 +116,8 @@ def _matches(name: str, target: str) -> bool:
 
 def to_kohya_modules(inj: InjectedLora, dtype: torch.dtype = torch.float32) -> dict[str, LoraModule]:
     """The trained layers as kohya modules: ``up @ down * alpha / rank`` equals what the model adds to each weight
-    (relative to the original base weight, also for PiSSA and rsLoRA)."""
+    (relative to the original base weight, also for PiSSA and rsLoRA); DoRA magnitudes as LyCORIS's
+    ``dora_scale`` (one per output row: (out, 1) for linear, (out, 1, 1, 1) for conv layers)."""
     out: dict[str, LoraModule] = {}
     for name, layer in inj.layers.items():
         down = layer.lora_A[ADAPTER].weight.detach().float()
@@ -116,10 +127,14 @@ def to_kohya_modules(inj: InjectedLora, dtype: torch.dtype = torch.float32) -> d
             a0, b0 = (t.float() for t in inj.pissa_start[name])
             down, up = torch.cat([down, a0], 0), torch.cat([up, -b0], 1)
         rank = int(down.shape[0])
-        kohya = kohya_module_name(inj.prefix, name)
+        kohya = kohya_module_name(inj.prefix, name, inj.unet_layout)
         mod = LoraModule.from_updown(kohya, down.to(dtype), up.to(dtype), alpha=scale * rank)
         if getattr(layer, "lora_magnitude_vector", None) and ADAPTER in layer.lora_magnitude_vector:
-            mod.tensors["dora_scale"] = layer.lora_magnitude_vector[ADAPTER].weight.detach().to(dtype)
+            # peft keeps one magnitude per output row as (out,) or, for convs, (1, out, 1, 1); files carry
+            # LyCORIS's layout, (out, 1) / (out, 1, 1, 1), the one ComfyUI reads as per-output
+            w = layer.get_base_layer().weight
+            magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach()
+            mod.tensors["dora_scale"] = magnitude.reshape(w.shape[0], *[1] * (w.dim() - 1)).to(dtype)
         out[kohya] = mod
     return out
 

@@ -22,7 +22,7 @@ from ..errors import ConfigError, TrainingError
 from ..family import Family, family_of_pipeline
 from ..models import load_base
 from ..progress import ProgressCallback, StopFlag, report
-from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
+from ..lora.keys import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UnetLayout
 from .adapters import (InjectedLora, count_parameters, inject_lora, remove_lora, skips_input_casts,
                        to_kohya_modules)
 from .cache import LatentCache
@@ -164,7 +164,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
         for m in (pipe.unet, pipe.vae, *encoders):
             placement.place(m, dtypes[m], channels_last=channels_last and m is pipe.unet)
         torch.manual_seed(cfg.seed)
-        injected.append(inject_lora(pipe.unet, cfg, cfg.target_modules, "lora_unet_"))
+        layout = UnetLayout.from_config(pipe.unet.config) if sdxl else None  # kohya's SDXL names
+        injected.append(inject_lora(pipe.unet, cfg, cfg.target_modules, "lora_unet_", layout))
         if cfg.train_text_encoder:
             prefixes = [TE1_PREFIX, TE2_PREFIX] if sdxl else [TE_PREFIX]
             for te, prefix in zip(encoders, prefixes):

@@ -81,6 +81,10 @@ def trees(tmp_path_factory):
     run = loose / "runs" / "r1"
     write_kohya_lora(run / "r1.safetensors", pipe, rank=1, te=False, seed=4)
     write_kohya_lora(run / "state" / "step-000010" / "adapter.safetensors", pipe, rank=1, te=False, seed=5)
+    (run / "r1.metadata.json").write_text(json.dumps(
+        {"model_name": "R1", "trainedWords": ["r1 look"], "preview_url": "https://example.invalid/r1.jpeg"}))
+    (run / "samples").mkdir()
+    os.symlink(run.parent, run / "samples" / "loop")   # a link back up the tree is followed once, not forever
     return {"webui": webui, "comfy": comfy, "loose": loose}
 
 
@@ -140,7 +144,8 @@ def test_training_internals_are_listed_with_a_problem(trees):
     lib = scan_models(gather_folders(lora_dirs=[trees["loose"]]))
     loras = {lo.name: lo for lo in lib.loras}
     assert sorted(loras) == ["runs/r1/r1", "runs/r1/state/step-000010/adapter"]
-    assert loras["runs/r1/r1"].problem is None
+    r1 = loras["runs/r1/r1"]
+    assert (r1.problem, r1.trigger_words, r1.preview, r1.civitai) == (None, ["r1 look"], None, None)
     internal = loras["runs/r1/state/step-000010/adapter"]
     assert "internal state" in internal.problem and internal.sha256 == _sha(internal.path)
     # the run's state folder given on its own is still recognised

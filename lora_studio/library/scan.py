@@ -68,8 +68,15 @@ class ModelLibrary:
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, set[str], list[str]]]:
-    """(folder, names of every file in it, its weight files) under ``root``; hidden entries skipped."""
+    """(folder, names of every file in it, its weight files) under ``root``; hidden entries skipped. Linked
+    folders are followed (libraries are often spread over disks by links), each real folder once."""
+    visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:             # a link back up the tree, or a second link to the same folder
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names = set(filenames)
         weights = sorted(f for f in filenames if not f.startswith(".") and f.lower().endswith(WEIGHT_SUFFIXES))

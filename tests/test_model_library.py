@@ -190,7 +190,7 @@ def test_bad_extra_model_paths_is_a_user_error(tmp_path):
         gather_folders(comfy_dirs=[tmp_path])
 
 
-def test_cache_reuses_unchanged_files_and_rereads_changed_ones(tmp_path):
+def test_cache_reuses_unchanged_files_and_rereads_changed_ones(tmp_path, monkeypatch):
     pipe = demo_or_random_pipeline()
     folder = tmp_path / "loras"
     a = write_kohya_lora(folder / "a.safetensors", pipe, rank=2, te=False, seed=1)
@@ -201,6 +201,11 @@ def test_cache_reuses_unchanged_files_and_rereads_changed_ones(tmp_path):
 
     cache = ScanCache(cache_file)
     scan_models(gather_folders(lora_dirs=[folder]), cache=cache)
+    assert (cache.hits, cache.misses) == (2, 0)
+
+    cache = ScanCache(cache_file)                 # the same folder given relative to the working folder
+    monkeypatch.chdir(tmp_path)
+    scan_models(gather_folders(lora_dirs=["loras"]), cache=cache)
     assert (cache.hits, cache.misses) == (2, 0)
 
     write_kohya_lora(a, pipe, rank=3, te=False, seed=7)

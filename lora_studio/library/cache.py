@@ -35,7 +35,8 @@ def file_key(stat: os.stat_result) -> list[int]:
 
 
 class ScanCache:
-    """``get(path, stat)`` gives what was stored for the file when its size and mtime still match;
+    """Entries are keyed by the absolute path, so relative folders given from another working folder still hit.
+    ``get(path, stat)`` gives what was stored for the file when its size and mtime still match;
     ``put`` stores it; ``save()`` writes the entries seen in this scan (files gone since are dropped)."""
 
     def __init__(self, path: str | os.PathLike | None):
@@ -53,16 +54,16 @@ class ScanCache:
         self.misses = 0
 
     def get(self, path: Path, stat: os.stat_result) -> dict[str, Any] | None:
-        entry = self._old.get(str(path))
+        entry = self._old.get(os.path.abspath(path))
         if isinstance(entry, dict) and entry.get("key") == file_key(stat) and isinstance(entry.get("data"), dict):
-            self._new[str(path)] = entry
+            self._new[os.path.abspath(path)] = entry
             self.hits += 1
             return entry["data"]
         self.misses += 1
         return None
 
     def put(self, path: Path, stat: os.stat_result, data: dict[str, Any]) -> None:
-        self._new[str(path)] = {"key": file_key(stat), "data": data}
+        self._new[os.path.abspath(path)] = {"key": file_key(stat), "data": data}
 
     def save(self) -> None:
         if self.path is None or (self._new == self._old and self.path.is_file()):

@@ -10,7 +10,7 @@ from ..cpu_memory import tune_glibc_malloc
 from ..errors import LoraStudioError
 
 # Each name is a module in this package with a ``register(subparsers)`` function.
-COMMANDS = ("demo", "train", "mix", "inspect", "export", "resize", "extract", "bench")
+COMMANDS = ("demo", "train", "mix", "inspect", "export", "resize", "extract", "library", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputFileError, LoraStudioError
-from .fileio import PICKLE_SUFFIXES as _PICKLES
-from .progress import ProgressCallback, report
-from .lora.inspect import inspect_lora
+from ..errors import InputFileError, LoraStudioError
+from ..fileio import PICKLE_SUFFIXES as _PICKLES
+from ..progress import ProgressCallback, report
+from ..lora.inspect import inspect_lora
 
 LORA_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = tuple(sorted(_PICKLES))   # listed with an error: we never unpickle while browsing

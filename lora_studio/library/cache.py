@@ -1,0 +1,72 @@
+"""The scan cache: what was learnt about each file (SHA-256, family, kind, rank ...), keyed by its path and kept
+while its size and modification time stay the same. One JSON file, written atomically; a cache that cannot be
+read is started afresh (it only costs time)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..fileio import write_text_atomic
+
+CACHE_VERSION = 1
+HASH_CHUNK = 1 << 20
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of the whole file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def autov2(sha256: str | None) -> str | None:
+    """A1111's short hash ("AutoV2"): the first 10 hex digits of the file's SHA-256."""
+    return sha256[:10] if sha256 else None
+
+
+def file_key(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class ScanCache:
+    """Entries are keyed by the absolute path, so relative folders given from another working folder still hit.
+    ``get(path, stat)`` gives what was stored for the file when its size and mtime still match;
+    ``put`` stores it; ``save()`` writes the entries seen in this scan (files gone since are dropped)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path).expanduser() if path else None
+        self._old: dict[str, dict[str, Any]] = {}
+        self._new: dict[str, dict[str, Any]] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError):
+                data = None
+            if isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("files"), dict):
+                self._old = data["files"]
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, path: Path, stat: os.stat_result) -> dict[str, Any] | None:
+        entry = self._old.get(os.path.abspath(path))
+        if isinstance(entry, dict) and entry.get("key") == file_key(stat) and isinstance(entry.get("data"), dict):
+            self._new[os.path.abspath(path)] = entry
+            self.hits += 1
+            return entry["data"]
+        self.misses += 1
+        return None
+
+    def put(self, path: Path, stat: os.stat_result, data: dict[str, Any]) -> None:
+        self._new[os.path.abspath(path)] = {"key": file_key(stat), "data": data}
+
+    def save(self) -> None:
+        if self.path is None or (self._new == self._old and self.path.is_file()):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps({"version": CACHE_VERSION, "files": self._new}, sort_keys=True))

@@ -241,3 +241,15 @@ def test_cli_mix_from_png_without_its_checkpoint_says_how_to_give_it(tmp_path, b
     err = capsys.readouterr().err
     assert "'v1-5-pruned-emaonly' was not found" in err and "--base" in err and "--model-dir" in err
     assert base_loader == []
+
+
+def test_cli_mix_from_png_finds_a_renamed_checkpoint_by_its_model_hash(tmp_path, base_loader, capsys):
+    from tiny_families import tiny_pipeline, write_ldm_checkpoint
+
+    ckpt = write_ldm_checkpoint(tiny_pipeline("sd1"), tmp_path / "models" / "renamed-model.safetensors")
+    src = _a1111_png(tmp_path / "a1111.png", "a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+                                             f"Size: 64x64, Model hash: {_sha(ckpt)[:10]}, Model: original-name")
+    assert main(["mix", "--from-png", str(src), "--model-dir", str(tmp_path / "models"),
+                 "--out", str(tmp_path / "o")]) == 0
+    assert base_loader == [str(ckpt)]
+    assert "checkpoint 'original-name' found by its hash" in capsys.readouterr().out

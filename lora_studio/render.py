@@ -6,7 +6,10 @@ A1111's "PNG Info" tab, Civitai and ComfyUI read back::
 
     a red circle <lora:stripes:0.8>
     Negative prompt: blurry
-    Steps: 20, Sampler: DDIM, CFG scale: 4.0, Seed: 0, Size: 64x64, Model: demo
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4.0, Seed: 0, Size: 512x512,
+    Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "stripes: 0123456789ab"
+
+(one parameter line; A1111 1.9+ writes a Karras sampler as the plain sampler plus ``Schedule type: Karras``).
 
 Which LoRAs are applied is the caller's business (``lora_studio.mix.LoraMixer``); ``render`` only records the
 ``(name, strength)`` pairs it is given as ``<lora:...>`` tags. The infotext writer and parser are written here by
@@ -113,6 +116,7 @@ class GenParams:
     sampler: str = "DDIM"
     model_name: str = "demo"
     clip_skip: int = 1          # A1111's "Clip skip": 2 reads the text encoder's penultimate layer
+    model_hash: str = ""        # A1111's "Model hash": AutoV2 of the checkpoint file ("" for demo / a folder)
 
     def check(self) -> "GenParams":
         """Raise ``ConfigError`` for values the pipeline would reject; return self with the canonical sampler."""
@@ -223,16 +227,25 @@ def _quote(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
+def split_sampler(sampler: str) -> tuple[str, str | None]:
+    """A1111 1.9+'s spelling: ("DPM++ 2M Karras") -> ("DPM++ 2M", "Karras"); other samplers have no schedule."""
+    if sampler.endswith(" Karras") and sampler[:-len(" Karras")] in SAMPLERS:
+        return sampler[:-len(" Karras")], "Karras"
+    return sampler, None
+
+
 def infotext(params: GenParams, loras: Iterable[Sequence] = (), extra: dict[str, Any] | None = None) -> str:
+    """A1111 1.9+ infotext: the prompt with ``<lora:..>`` tags, the negative prompt, one line of fields."""
 
     loras = _norm_loras(loras)
     prompt = " ".join(p for p in [strip_lora_tags(params.prompt)] + [lora_tag(*t) for t in loras] if p)
     lines = [prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
-    fields_ = {"Steps": params.steps, "Sampler": params.sampler, "CFG scale": float(params.cfg),
-               "Seed": params.seed, "Size": f"{params.width}x{params.height}", "Model": params.model_name,
-               "Clip skip": params.clip_skip if params.clip_skip != 1 else None}
+    sampler, schedule = split_sampler(params.sampler)
+    fields_ = {"Steps": params.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": float(params.cfg),
+               "Seed": params.seed, "Size": f"{params.width}x{params.height}", "Model hash": params.model_hash,
+               "Model": params.model_name, "Clip skip": params.clip_skip if params.clip_skip != 1 else None}
     fields_.update(extra or {})
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields_.items() if v is not None and v != ""))
     return "\n".join(lines)
@@ -252,7 +265,8 @@ def _unquote(text: str) -> str:
 
 def parse_infotext(text: str) -> dict[str, Any]:
     """Read A1111 infotext into typed fields: ``prompt`` (LoRA tags removed), ``negative_prompt``, ``steps``,
-    ``sampler``, ``cfg``, ``seed``, ``width``, ``height``, ``model_name`` (those present), ``loras`` as
+    ``sampler`` (a Karras "Schedule type" joined back on: "DPM++ 2M Karras"; the old one-field spelling is read
+    too), ``cfg``, ``seed``, ``width``, ``height``, ``model_name``, ``model_hash`` (those present), ``loras`` as
     ``(name, strength, te_strength)`` and ``extra`` (every other ``key: value`` as text)."""
 
     *lines, last = text.strip("\n").split("\n")
@@ -279,7 +293,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
             sampler = f"{sampler} Karras"
         out["sampler"] = sampler
     convert = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int),
-               "Model": ("model_name", str), "Clip skip": ("clip_skip", int)}
+               "Model": ("model_name", str), "Model hash": ("model_hash", str), "Clip skip": ("clip_skip", int)}
     for key, (name, kind) in convert.items():
         if key in raw:
             try:

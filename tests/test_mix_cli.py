@@ -174,3 +174,82 @@ def test_cli_mix_user_errors_exit_2_before_loading_the_model(tmp_path, base_load
         if message == "no LoRA named 'nope'":
             assert "alpha" in err   # the error lists what the folder holds
     assert base_loader == []
+
+
+def _a1111_png(path, text):
+    """A picture as A1111 saves it: the infotext in a PNG text chunk named "parameters"."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64), "white").save(path, pnginfo=info)
+    return path
+
+
+def _a1111_text(lora_line, hashes):
+    return (f"a red circle {lora_line}\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, "
+            f"CFG scale: 5, Seed: 7, Size: 64x64, Model hash: 0123456789, Model: demo, Lora hashes: \"{hashes}\", "
+            "Version: v1.9.4")
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("file_name, short_hash", [
+    ("alpha", lambda p: _sha(p)[:10]),               # found by name (the hash as AutoV2)
+    ("renamed", lambda p: _sha(p)[:10]),             # found only by the file's AutoV2
+    ("renamed", lambda p: lora_hash(p)),             # found only by A1111's 12-digit tensor-data hash
+])
+def test_cli_mix_from_png_re_renders_an_a1111_picture(tmp_path, base_loader, capsys, file_name, short_hash):
+    lora = write_kohya_lora(tmp_path / "loras" / f"{file_name}.safetensors", demo_or_random_pipeline(), seed=1)
+    src = _a1111_png(tmp_path / "a1111.png", _a1111_text("<lora:alpha:0.8>", f"alpha: {short_hash(lora)}"))
+    out = tmp_path / "out"
+    assert main(["mix", "--from-png", str(src), "--base", "demo", "--lora-dir", str(tmp_path / "loras"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert base_loader == ["demo"]
+    assert ("found by its hash" in printed) == (file_name == "renamed")
+    text = read_png_parameters(out / "00000-7.png")
+    info = parse_infotext(text)
+    assert (info["prompt"], info["negative_prompt"], info["seed"], info["steps"], info["cfg"]) == (
+        "a red circle", "blurry", 7, 3, 5.0)
+    assert (info["sampler"], info["width"], info["height"]) == ("DPM++ 2M Karras", 64, 64)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
+    assert info["loras"] == [("alpha", 0.8, None)]
+
+
+def test_cli_mix_from_png_notes_a_missing_lora_and_command_line_wins(tmp_path, base_loader, capsys):
+    lora = write_kohya_lora(tmp_path / "loras" / "alpha.safetensors", demo_or_random_pipeline(), seed=1)
+    src = _a1111_png(tmp_path / "a1111.png", _a1111_text("<lora:alpha:0.8> <lora:gone:0.5>",
+                                                         f"alpha: {_sha(lora)[:10]}, gone: 0123456789"))
+    out = tmp_path / "out"
+    assert main(["mix", "--from-png", str(src), "--base", "demo", "--lora-dir", str(tmp_path / "loras"),
+                 "--seed", "9", "--lora", "alpha:0.25", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: LoRA 'gone' not found" in printed
+    info = parse_infotext(read_png_parameters(out / "00000-9.png"))
+    assert (info["seed"], info["steps"], info["loras"]) == (9, 3, [("alpha", 0.25, None)])
+
+
+def test_cli_mix_from_png_without_its_checkpoint_says_how_to_give_it(tmp_path, base_loader, capsys):
+    src = _a1111_png(tmp_path / "a1111.png", "a cat\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+                                             "Size: 64x64, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly")
+    assert main(["mix", "--from-png", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'v1-5-pruned-emaonly' was not found" in err and "--base" in err and "--model-dir" in err
+    assert base_loader == []
+
+
+def test_cli_mix_from_png_finds_a_renamed_checkpoint_by_its_model_hash(tmp_path, base_loader, capsys):
+    from tiny_families import tiny_pipeline, write_ldm_checkpoint
+
+    ckpt = write_ldm_checkpoint(tiny_pipeline("sd1"), tmp_path / "models" / "renamed-model.safetensors")
+    src = _a1111_png(tmp_path / "a1111.png", "a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+                                             f"Size: 64x64, Model hash: {_sha(ckpt)[:10]}, Model: original-name")
+    assert main(["mix", "--from-png", str(src), "--model-dir", str(tmp_path / "models"),
+                 "--out", str(tmp_path / "o")]) == 0
+    assert base_loader == [str(ckpt)]
+    assert "checkpoint 'original-name' found by its hash" in capsys.readouterr().out

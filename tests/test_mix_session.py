@@ -88,3 +88,26 @@ def test_parse_block_weights():
     assert parse_block_weights("  ") == {}
     with pytest.raises(ConfigError, match="'mid'"):
         parse_block_weights("down=1, mid")
+
+
+def test_model_hash_is_the_autov2_of_the_base_file_hashed_once(tmp_path, monkeypatch):
+    import hashlib
+
+    import lora_studio.mix.session as session_module
+    from lora_studio.render import parse_infotext
+
+    base = tmp_path / "my-model.safetensors"
+    base.write_bytes(b"not really a checkpoint, the loader is faked" * 100)
+    hashed = []
+    real = session_module.sha256_of
+    monkeypatch.setattr(session_module, "sha256_of", lambda p: hashed.append(p) or real(p))
+    session = MixSession(lambda source: demo_or_random_pipeline())
+    session.set_loras(str(base), [])
+    params = GenParams("a red circle", steps=1, sampler="DPM++ 2M Karras", model_name="my-model")
+    first = parse_infotext(session.render(params).infotext)
+    second = parse_infotext(session.render(params).infotext)
+    assert first["model_hash"] == second["model_hash"] == hashlib.sha256(base.read_bytes()).hexdigest()[:10]
+    assert len(hashed) == 1
+    assert first["sampler"] == "DPM++ 2M Karras"
+    session.set_loras("demo", [])
+    assert "Model hash" not in session.render(params).infotext

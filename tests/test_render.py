@@ -44,7 +44,8 @@ def test_infotext_matches_a1111_layout():
 @pytest.mark.parametrize("params, loras", [
     (GenParams("a red circle"), []),
     (GenParams("a blue square, simple", negative_prompt="noise, text", steps=7, cfg=7.5, seed=123456789,
-               width=128, height=96, sampler="DPM++ 2M Karras", model_name="sd15/model: v1"), [("a", 1.0)]),
+               width=128, height=96, sampler="DPM++ 2M Karras", model_name="sd15/model: v1", model_hash="0123abcdef"),
+     [("a", 1.0)]),
     (GenParams("a (red:1.3) circle BREAK [square]", clip_skip=2), []),
     (GenParams("multi\nline prompt", negative_prompt="two\nlines", sampler="Euler a"),
      [("style/stripes", -0.5), ("b", 0.3, 0.7), ("c", 0.123456789)]),
@@ -64,7 +65,17 @@ def test_parse_reads_new_a1111_schedule_field_and_keeps_unknown_fields():
     assert (d["prompt"], d["negative_prompt"], d["steps"], d["cfg"], d["seed"]) == ("girl", "bad", 30, 7.0, 42)
     assert (d["sampler"], d["width"], d["height"], d["model_name"]) == ("DPM++ 2M Karras", 512, 768, "sd15")
     assert d["loras"] == [("x", 0.6, None)]
-    assert d["extra"] == {"Model hash": "abc123", "Lora hashes": "x: 1234abcd", "Version": "v1.10.1"}
+    assert d["model_hash"] == "abc123"
+    assert d["extra"] == {"Lora hashes": "x: 1234abcd", "Version": "v1.10.1"}
+    # files written before A1111 1.9 keep the schedule in the sampler's name, and are still read
+    assert parse_infotext("x\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1")["sampler"] == "DPM++ 2M Karras"
+
+
+def test_infotext_writes_a1111_19_schedule_type_and_model_hash():
+    p = GenParams("x", sampler="DPM++ 2M Karras", model_name="v1-5", model_hash="6ce0161689")
+    assert infotext(p).split("\n")[1] == ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4.0, "
+                                          "Seed: 0, Size: 64x64, Model hash: 6ce0161689, Model: v1-5")
+    assert infotext(GenParams("x", sampler="Euler a")).split("\n")[1].startswith("Steps: 20, Sampler: Euler a, CFG")
 
 
 def test_text_without_parameter_line_is_all_prompt():

@@ -56,7 +56,7 @@ def test_family_training_writes_a_file_diffusers_applies_exactly(data, tmp_path,
     assert meta["ss_base_model_version"] == version
     assert {k.split("_")[1] for k in tensors} == {p.split("_")[1] for p in prefixes}   # unet, te / te1, te2
     if family == "sd2":
-        assert meta["modelspec.prediction_type"] == "v_prediction"               # taken from the base's scheduler
+        assert meta["modelspec.prediction_type"] == "v"     # the base scheduler's v_prediction, as modelspec spells it
 
     ours, theirs = tiny_pipeline(family), tiny_pipeline(family)
     _merge_by_hand(ours, tensors, prefixes)

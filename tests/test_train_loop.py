@@ -161,7 +161,7 @@ def test_checkpointing_changes_nothing_and_bf16_accumulation_vpred_run(tiny_data
                      gradient_checkpointing=True), pipeline=pipe)
     assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
     meta = load_safetensors(res.lora_path)[1]
-    assert meta["modelspec.prediction_type"] == "v_prediction" and meta["ss_mixed_precision"] == "bf16"
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_mixed_precision"] == "bf16"
     assert "forward" not in pipe.unet.__dict__ and not pipe.unet.is_gradient_checkpointing  # pipeline left as it was
 
 
@@ -214,3 +214,22 @@ def test_own_pipeline_in_bf16_trains_fp32_lora_weights(tiny_data, tmp_path, monk
     pipe = loaded[0].pipe         # the frozen weights were held in bf16 (SD1's VAE too, as in diffusers' script)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
     assert pipe.vae.dtype == torch.bfloat16
+
+
+def test_lora_metadata_hashes_trigger_and_base_name(tiny_data, tmp_path):
+    import hashlib
+    import struct
+
+    cfg = _cfg(tiny_data, tmp_path, steps=1, trigger_word="stripy",
+               base=str(tmp_path / "private" / "folders" / "my-base.safetensors"))
+    res = train(cfg, pipeline=random_demo_pipeline())
+    _, meta = load_safetensors(res.lora_path)
+    raw = res.lora_path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    data_hash = hashlib.sha256(raw[8 + n:]).hexdigest()          # A1111's addnet hash, computed independently
+    assert meta["sshs_model_hash"] == data_hash
+    assert meta["modelspec.hash_sha256"] == "0x" + data_hash
+    assert meta["ss_sd_model_name"] == "my-base.safetensors"
+    assert "private" not in json.dumps(meta)
+    assert meta["modelspec.trigger_phrase"] == "stripy"
+    assert meta["modelspec.prediction_type"] == "epsilon"

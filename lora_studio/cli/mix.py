@@ -5,19 +5,21 @@
 
 ``--lora FILE[:STRENGTH[:TE_STRENGTH]]`` (a name instead of a file is looked up in ``--lora-dir``); the prompt
 may also pick LoRAs from ``--lora-dir`` with A1111 tags (``<lora:name:0.7>``). Settings given on the command
-line win over those of ``--preset``.
+line win over those of ``--preset`` and of ``--from-png FILE`` (re-render a picture from A1111 or LoRA Studio).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from .. import models
 from ..errors import ConfigError
 from ..mix.args import SlotSpec, apply_blocks_args, find_lora_arg, parse_blocks_arg, parse_lora_arg
 from ..mix.compare import parse_axis
+from ..mix.from_png import recipe_from_png
 from ..mix.presets import MixPreset, load_mix_preset, preset_slots, save_mix_preset
 from ..mix.session import MixSession, model_name
 from ..prompt import parse_prompt, resolve_requests
@@ -32,7 +34,11 @@ example:
 
 --lora FILE[:STRENGTH[:TE_STRENGTH]] (a name instead of a file is looked up in --lora-dir). The prompt may
 also pick LoRAs from --lora-dir with A1111 tags: <lora:name:0.7>, or <lora:name:TE:UNET>. Settings given on
-the command line win over those of --preset. Images are PNGs with A1111 "parameters" and a JSON sidecar."""
+the command line win over those of --preset. Images are PNGs with A1111 "parameters" and a JSON sidecar.
+
+--from-png FILE re-renders a picture made by A1111 or LoRA Studio: its prompt, settings and LoRAs (found by name
+or hash in --lora-dir), its checkpoint from --base or by name or hash in --model-dir. What is not found is
+noted; settings given on the command line win over the picture's."""
 
 
 def register(sub) -> None:
@@ -60,6 +66,10 @@ def register(sub) -> None:
                         "te_strength=..  lora=a,b,none  seed=1,2  steps=10,20  cfg=3,5  sampler=DDIM,Euler a  "
                         "prompt=red,blue (Prompt S/R)")
     p.add_argument("--lora-dir", default=None, help="the LoRA folder for names and <lora:...> tags")
+    p.add_argument("--from-png", default=None, metavar="FILE",
+                   help="re-render a PNG made by A1111 or LoRA Studio (its parameters; options given here win)")
+    p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
+                   help="a checkpoint folder where --from-png looks for the picture's model by name or hash")
     p.add_argument("--preset", default=None, help="a mixing preset (JSON file or presets/ name, e.g. mix-demo)")
     p.add_argument("--save-preset", default=None, metavar="FILE", help="save this mix as a preset JSON file")
     p.add_argument("--allow-partial", action="store_true",
@@ -82,6 +92,21 @@ def _next_image_path(out: Path, seed: int) -> Path:
     return out / f"{max(taken, default=-1) + 1:05d}-{seed}.png"
 
 
+def _from_png(args, preset: MixPreset):
+    """Fill ``preset`` from the picture's parameters (the command line's options are applied after this)."""
+    recipe = recipe_from_png(args.from_png, args.lora_dir or preset.lora_dir, args.model_dir, args.base)
+    for note in recipe.notes:
+        print(f"note: {note}")
+    if recipe.base is None:
+        raise ConfigError(f"cannot re-render {args.from_png}: its checkpoint {recipe.params.model_name!r} was not "
+                          "found. Give it with --base FILE, or the folder that holds it with --model-dir DIR.")
+    p = recipe.params
+    preset.prompt, preset.negative_prompt, preset.steps, preset.cfg = p.prompt, p.negative_prompt, p.steps, p.cfg
+    preset.seed, preset.width, preset.height, preset.sampler = p.seed, p.width, p.height, p.sampler
+    preset.base = recipe.base
+    return recipe
+
+
 def run(args) -> int:
     if len(args.xy) > 2:
         raise ConfigError(f"--xy was given {len(args.xy)} times; a grid has two axes (X, then Y).")
@@ -90,6 +115,7 @@ def run(args) -> int:
     if args.preset:
         preset, preset_file = load_mix_preset(args.preset)
         preset_dir = preset_file.parent
+    recipe = _from_png(args, preset) if args.from_png else None
     for arg, key in (("prompt", "prompt"), ("negative", "negative_prompt"), ("seed", "seed"), ("steps", "steps"),
                      ("cfg", "cfg"), ("sampler", "sampler"), ("width", "width"), ("height", "height"),
                      ("base", "base"), ("lora_dir", "lora_dir")):
@@ -101,6 +127,8 @@ def run(args) -> int:
     lora_refs = [parse_lora_arg(x) for x in args.lora]
     blocks = [parse_blocks_arg(x) for x in args.blocks]
     params = preset.gen_params(model_name(preset.base))
+    if recipe is not None:
+        params = replace(params, clip_skip=recipe.params.clip_skip)
 
     lora_dir = preset.lora_dir
     if args.lora_dir is None and lora_dir and preset_dir is not None and (preset_dir / lora_dir).is_dir():
@@ -112,6 +140,9 @@ def run(args) -> int:
     # find every file before the (slow) model load, so a typo fails fast
     slots = preset_slots(preset, preset_dir, lora_dir)
     slots += [SlotSpec(str(find_lora_arg(a.ref, lora_dir)), a.strength, a.te_strength) for a in lora_refs]
+    if recipe is not None:     # a --lora naming the picture's LoRA sets its strength instead
+        given = {Path(s.path).resolve() for s in slots}
+        slots += [s for s in recipe.slots if Path(s.path).resolve() not in given]
     slots += [SlotSpec(str(path), req.strength, req.te_strength) for req, path in resolve_requests(requests, lora_dir)]
     apply_blocks_args(slots, blocks)
 

@@ -3,6 +3,7 @@ streamed tensor by tensor); pickles only when allowed, and then with ``weights_o
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from ..errors import ExportError, InputFileError, UnsafeFileError
 from .atomic import atomic_path
@@ -39,6 +40,15 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=meta)
+
+
+def tensor_data_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The SHA-256 (hex) of the tensor data of the safetensors file ``save_safetensors_atomic`` writes for
+    ``tensors``: the bytes after the header, which A1111 ("addnet" hash) and kohya (``sshs_model_hash``) hash.
+    The data does not depend on the metadata, so a writer can put this hash into the header it writes."""
+    blob = save({k: v.detach().contiguous() for k, v in tensors.items()})
+    (n,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(memoryview(blob)[8 + n:]).hexdigest()
 
 
 # safetensors dtype names <-> torch dtypes, for the streamed reader and writer below

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from ..fileio import save_safetensors_atomic
+from ..fileio import save_safetensors_atomic, tensor_data_sha256
 from ..finite import refuse_nonfinite
 from .formats import LoraModule
 
@@ -29,8 +29,11 @@ def _kohya_tensors(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]
 
 
 def save_kohya_lora(modules: Mapping[str, LoraModule], path: str | os.PathLike,
-                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
-    """Write a kohya/Civitai LoRA (atomically). Metadata values are stored as strings.
+                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
+                    hashes: bool = False) -> None:
+    """Write a kohya/Civitai LoRA (atomically). Metadata values are stored as strings. ``hashes`` adds kohya's
+    ``sshs_model_hash`` and ``modelspec.hash_sha256`` (``0x`` + the same): the SHA-256 of the file's tensor data,
+    A1111's "addnet" hash, which does not change when the metadata does.
 
     Raises ``ExportError`` naming the key, and writes nothing, when a tensor is NaN/inf in ``dtype``. Checked
     here, after the cast, for every producer (trainer, merge, resize, extract): values finite in fp32 (an alpha
@@ -39,6 +42,9 @@ def save_kohya_lora(modules: Mapping[str, LoraModule], path: str | os.PathLike,
     sd = {k: t.to(dtype) for k, t in raw.items()} if dtype is not None else raw
     refuse_nonfinite(sd.items(), str(path), "Write the LoRA as fp32 or bf16 (which has fp32's range), or lower "
                      "the strengths", raw)
+    if hashes:
+        digest = tensor_data_sha256(sd)
+        metadata = {**(metadata or {}), "sshs_model_hash": digest, "modelspec.hash_sha256": "0x" + digest}
     save_safetensors_atomic(sd, path, metadata)
 
 

@@ -10,10 +10,12 @@ out of the slots is removed from the mixer; a different base starts a fresh pipe
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
+from ..library.cache import autov2, sha256_of
 from ..models import load_base
 from ..progress import ProgressCallback, StopFlag
 from ..render import GenParams, RenderedImage, lora_hash, render
@@ -45,6 +47,7 @@ class MixSession:
         self.reads = 0                      # LoRA files read so far
         self._names: dict[str, str] = {}    # resolved file path -> mixer entry name
         self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> A1111 short hash
+        self._model_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> AutoV2 of the base
 
     def use_base(self, base: str):
         """The pipeline for ``base``, loaded only when the base differs from the one in memory."""
@@ -94,7 +97,7 @@ class MixSession:
             if not self.set_loras(base, slots):
                 raise ConfigError("the mix is empty: pick at least one LoRA in a slot, then render.")
             entries = [(e.name, e.strength, e.effective_te_strength) for e in self.mixer.entries]
-            return comparison_grid(self.pipe, self.mixer, params, entries, out_dir, prefix=prefix,
+            return comparison_grid(self.pipe, self.mixer, self._stamped(params), entries, out_dir, prefix=prefix,
                                    lora_hashes=self.hashes(), progress=progress, stop=stop)
 
     def xy(self, base: str, slots: Sequence[SlotSpec], params: GenParams, x: str | Axis, y: str | Axis | None,
@@ -107,7 +110,7 @@ class MixSession:
         y_axis = parse_axis(y) if isinstance(y, str) and y.strip() else (y if isinstance(y, Axis) else None)
         with self._lock:
             self.set_loras(base, slots)
-            return xy_grid(self.pipe, self.mixer, params, x_axis, y_axis, out_dir, prefix=prefix,
+            return xy_grid(self.pipe, self.mixer, self._stamped(params), x_axis, y_axis, out_dir, prefix=prefix,
                            lora_hashes=self.hashes(), progress=progress, stop=stop)
 
     def render(self, params: GenParams, progress: ProgressCallback | None = None) -> RenderedImage:
@@ -120,9 +123,24 @@ class MixSession:
             hashes = self.hashes()
             self.mixer.apply()
             try:
-                return render(self.pipe, params, loras, progress=progress, lora_hashes=hashes)
+                return render(self.pipe, self._stamped(params), loras, progress=progress, lora_hashes=hashes)
             finally:
                 self.mixer.restore()
+
+    def model_hash(self) -> str:
+        """A1111's "Model hash" of the base in memory: the AutoV2 of its checkpoint file, hashed once per file
+        (kept while its size and modification time stay the same); "" for the demo model, a diffusers folder
+        or a hub id, which have no single file to hash."""
+        if not self.base or not Path(self.base).is_file():
+            return ""
+        st = Path(self.base).stat()
+        key = (str(Path(self.base).resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._model_hashes:
+            self._model_hashes[key] = autov2(sha256_of(self.base)) or ""
+        return self._model_hashes[key]
+
+    def _stamped(self, params: GenParams) -> GenParams:
+        return replace(params, model_hash=self.model_hash())
 
     def hashes(self) -> dict[str, str]:
         """A1111 short hashes of the mix's files ("Lora hashes" in the infotext), each file hashed once."""

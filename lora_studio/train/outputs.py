@@ -9,6 +9,7 @@ import torch
 from ..errors import TrainingError
 from ..family import Family
 from ..grid import labelled_grid
+from ..models import modelspec_prediction_type
 from .config import TrainConfig
 from .dataset import BucketBatches
 from .save import RESUME_MUST_MATCH, lora_metadata, save_state, write_losses, write_lora
@@ -60,7 +61,7 @@ class RunWriter:
                              num_train_images=sum(it.repeats for it in items), tag_frequency=self.tag_freq,
                              dataset_dirs=dirs, bucket_info={"buckets": buckets, "images_per_step": per_step},
                              batches_per_epoch=self.batches.batches_per_epoch, epoch=epoch)
-        meta["modelspec.prediction_type"] = self.prediction_type
+        meta["modelspec.prediction_type"] = modelspec_prediction_type(self.prediction_type) or self.prediction_type
         if self.prediction_type == "v_prediction":
             meta["ss_v_parameterization"] = "True"
         return meta

@@ -39,6 +39,11 @@ RESUME_MUST_MATCH = ("rank", "alpha", "target_modules", "train_text_encoder", "t
                      "resolution", "enable_buckets")
 
 
+def base_file_name(base: str) -> str:
+    """The base model's file or folder name, as kohya writes ``ss_sd_model_name``: never the user's folders."""
+    return str(base).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or str(base)
+
+
 def lora_metadata(cfg: TrainConfig, family: Family, modules: Mapping[str, LoraModule], *, steps_done: int,
                   num_train_images: int, tag_frequency: dict, dataset_dirs: dict, bucket_info: dict,
                   batches_per_epoch: int, epoch: int) -> dict[str, str]:
@@ -50,7 +55,7 @@ def lora_metadata(cfg: TrainConfig, family: Family, modules: Mapping[str, LoraMo
         family=family, rank=rank, alpha=alpha, title=cfg.resolved_output_name(), resolution=cfg.resolution,
         num_train_images=num_train_images, tag_frequency=tag_frequency,
         extra={
-            "ss_sd_model_name": cfg.base,
+            "ss_sd_model_name": base_file_name(cfg.base),
             "ss_network_args": {"init": cfg.init, "rslora": cfg.use_rslora, "dora": cfg.use_dora,
                                 "unet_targets": cfg.target_modules,
                                 "text_encoder_targets": cfg.text_encoder_target_modules if cfg.train_text_encoder else []},
@@ -81,8 +86,9 @@ def lora_metadata(cfg: TrainConfig, family: Family, modules: Mapping[str, LoraMo
             "ss_dataset_dirs": dataset_dirs,
             "ss_training_finished_at": str(time.time()),
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
-            "modelspec.prediction_type": cfg.prediction_type,
         })
+    if cfg.trigger_word:
+        meta["modelspec.trigger_phrase"] = cfg.trigger_word
     # safetensors metadata must be valid Unicode: a base path with a name that is not UTF-8 is shown decoded
     return {k: as_text(v) for k, v in meta.items()}
 
@@ -94,7 +100,7 @@ def write_lora(modules: Mapping[str, LoraModule], path: Path, metadata: Mapping[
             if not all_finite(t):
                 raise TrainingError(f"{name}.{suffix} holds NaN/inf values; not writing {path}. "
                                     "Lower the learning rate or use mixed_precision 'no' / 'bf16'.")
-    save_kohya_lora(modules, path, metadata, dtype=SAVE_DTYPES[save_precision])
+    save_kohya_lora(modules, path, metadata, dtype=SAVE_DTYPES[save_precision], hashes=True)
     return path
 
 

@@ -713,6 +713,13 @@ CONFIG_CASES: dict[str, tuple[dict, tuple[tuple[str, ...], ...]]] = {
     "run_name_hidden": ({"run_name": ".."}, (("run_name",), ("plain name",), ("dot",))),
     "output_name_device": ({"output_name": "NUL"}, (("output_name",), ("device",))),
     "output_name_too_long": ({"output_name": "x" * 200}, (("output_name",), ("200 bytes",))),
+    "validation_split_one": ({"validation_split": 1.0}, (("validation_split = 1.0",), ("[0, 1)",))),
+    "validation_split_negative": ({"validation_split": -0.1}, (("validation_split = -0.1",), ("[0, 1)",))),
+    "validate_every_negative": ({"validate_every_n_steps": -1}, (("validate_every_n_steps = -1",), ("0 or more",))),
+    "validate_without_a_set": ({"validate_every_n_steps": 5}, (("validate_every_n_steps",), ("validation_split",))),
+    "validation_split_and_dir": ({"validation_split": 0.1, "validation_dir": "val"},
+                                 (("validation_split",), ("validation_dir",), ("choose one",))),
+    "log_with_unknown": ({"log_with": "mlflow"}, (("log_with",), ("'mlflow'",), ("tensorboard",))),
 }
 
 

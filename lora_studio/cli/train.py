@@ -26,7 +26,8 @@ FLAGS = {"data": "data_dir", "base": "base", "steps": "steps", "rank": "rank", "
          "gradient_checkpointing": "gradient_checkpointing", "cast_frozen_weights": "cast_frozen_weights",
          "channels_last": "channels_last", "fused_optimizer": "fused_optimizer", "compile": "compile_unet",
          "compile_mode": "compile_mode", "offload_cached_models": "offload_cached_models",
-         "lean_backward": "lean_backward"}
+         "lean_backward": "lean_backward", "log_with": "log_with", "validation_split": "validation_split",
+         "validation_dir": "validation_dir", "validate_every": "validate_every_n_steps"}
 
 
 def register(sub) -> None:
@@ -55,6 +56,13 @@ def register(sub) -> None:
     p.add_argument("--save-state-every", type=int, help="write a resumable state every N steps")
     p.add_argument("--sample-every", type=int, help="render sample images every N steps")
     p.add_argument("--sample-prompt", action="append", help="a sample prompt (repeat for several)")
+    p.add_argument("--log-with", choices=["tensorboard", "wandb", "none"], help="send loss, learning-rate and "
+                   "validation curves to TensorBoard (event files in <run>/logs) or Weights & Biases")
+    p.add_argument("--validation-split", type=float, help="share of the images held out of training to score a "
+                   "validation loss on (e.g. 0.1; default 0: none)")
+    p.add_argument("--validation-dir", help="a separate folder of validation images (instead of --validation-split)")
+    p.add_argument("--validate-every", type=int, help="score the validation loss every N steps (and at the end); "
+                   "written to validation.csv, the best step to best.json")
     p.add_argument("--train-text-encoder", action="store_true", default=None, help="also train a text-encoder LoRA")
     speed = p.add_argument_group("speed and memory (each --x has a --no-x; defaults from the preset/config)")
     on_off = argparse.BooleanOptionalAction
@@ -111,6 +119,7 @@ def build_config(args):
 
 
 def run(args) -> int:
+    from ..train.tracking import check_log_with, open_hint
     from ..train.trainer import TrainCallbacks, train  # peft and accelerate: not on the path of --help
 
     cfg = build_config(args)
@@ -126,6 +135,9 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    check_log_with(cfg.log_with)
+    if open_hint(cfg):
+        print(open_hint(cfg), file=sys.stderr, flush=True)
     stop = StopFlag()
     got: list[int] = []
 
@@ -145,7 +157,9 @@ def run(args) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
     print(f"LoRA: {result.lora_path}")
-    print(f"run folder: {result.run_dir} (loss.csv, loss.png, config.json, samples/)")
+    print(f"run folder: {result.run_dir} (loss.csv, loss.png, config.json, samples/"
+          f"{', validation.csv, best.json' if cfg.validation_split or cfg.validation_dir else ''}"
+          f"{', logs/' if cfg.log_with == 'tensorboard' else ''})")
     print(f"steps: {result.steps_done}/{cfg.steps}; trainable parameters: {result.trainable_params:,} "
           f"({result.trainable_percent:.3f}% of the base)")
     if result.stopped:

@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cache_latents": ("memory", "disk", "none"),
     "save_precision": ("fp32", "fp16", "bf16"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "log_with": ("none", "tensorboard", "wandb"),
 }
 
 
@@ -109,6 +110,11 @@ class TrainConfig:
     sample_seeds: list[int] = field(default_factory=lambda: [0])
     sample_steps: int = 20
     sample_guidance: float = 7.0
+    # seeing training: curves for TensorBoard / Weights & Biases, validation loss on held-out pictures
+    log_with: str = "none"                  # "tensorboard" (event files in <run>/logs) or "wandb"
+    validation_split: float = 0.0           # share of the images held out of training for validation (0: none)
+    validation_dir: str = ""                # or a separate folder of validation images
+    validate_every_n_steps: int = 0         # with a validation set: every N steps (0: at the end only)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -181,10 +187,10 @@ class TrainConfig:
                 raise bad(key, "it must be greater than 0")
         for key in ("text_encoder_lr", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset",
                     "keep_tokens", "lr_warmup_steps", "save_every_n_steps", "save_every_n_epochs",
-                    "save_state_every_n_steps", "sample_every_n_steps"):
+                    "save_state_every_n_steps", "sample_every_n_steps", "validate_every_n_steps"):
             if getattr(self, key) < 0:
                 raise bad(key, "it must be 0 or more")
-        for key in ("caption_dropout_rate", "lora_dropout"):
+        for key in ("caption_dropout_rate", "lora_dropout", "validation_split"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(key, "it must be in [0, 1)")
         for key in ("adam_beta1", "adam_beta2"):
@@ -199,13 +205,20 @@ class TrainConfig:
             raise bad("bucket_reso_step", "it must be a multiple of 8")
         for key, options in CHOICES.items():
             if getattr(self, key) not in options:
-                raise ConfigError(f"{where}: {key} = {getattr(self, key)!r} is not one of {', '.join(options)}.")
+                raise ConfigError(f"{where}: {key} = {getattr(self, key)!r} is not one of {', '.join(options)}; "
+                                  "use one of those.")
         if not self.target_modules:
             raise ConfigError(f"{where}: target_modules is empty; name at least one layer, e.g. {list(DEFAULT_UNET_TARGETS)}.")
         if self.train_text_encoder and not self.text_encoder_target_modules:
             raise ConfigError(f"{where}: train_text_encoder is on but text_encoder_target_modules is empty.")
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"{where}: caption_extension = {self.caption_extension!r} must start with a dot, e.g. '.txt'.")
+        if self.validation_split and self.validation_dir:
+            raise ConfigError(f"{where}: validation_split = {self.validation_split!r} and validation_dir = "
+                              f"{self.validation_dir!r} are both set; choose one (set the other to 0 / \"\").")
+        if self.validate_every_n_steps and not (self.validation_split or self.validation_dir):
+            raise ConfigError(f"{where}: validate_every_n_steps = {self.validate_every_n_steps} but there is no "
+                              "validation set; set validation_split (e.g. 0.1) or validation_dir as well.")
         if self.init == "pissa" and self.use_dora:
             raise ConfigError(f"{where}: init = 'pissa' cannot be combined with use_dora = true; choose one.")
         for key in ("run_name", "output_name"):  # each becomes a file or folder name under output_dir

@@ -73,8 +73,14 @@ class RunWriter:
         self.last_good = path
         return path
 
-    def save_state(self, step: int, adapter: dict, torch_state: dict, losses: list[float], lrs: list[float]) -> Path:
-        info = {"step": step, "losses": losses, "lrs": lrs,
+    def lora_at(self, step: int, modules) -> Path:
+        """The LoRA file of ``step``: the one saved at this step, else a new one (``modules()`` gives the weights)."""
+        path = self.run_dir / f"{self.cfg.resolved_output_name()}-step{step:06d}.safetensors"
+        return path if self.last_good == path else self.save_lora(modules(), step, final=False)
+
+    def save_state(self, step: int, adapter: dict, torch_state: dict, losses: list[float], lrs: list[float],
+                   validation: list | None = None) -> Path:
+        info = {"step": step, "losses": losses, "lrs": lrs, "validation": validation or [],
                 "config": {k: getattr(self.cfg, k) for k in RESUME_MUST_MATCH}}
         return save_state(self.run_dir / "state", step, adapter, torch_state, info)
 

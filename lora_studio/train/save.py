@@ -36,7 +36,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 # Settings a resumed run must share with the run it continues, or its result would be a different LoRA.
 RESUME_MUST_MATCH = ("rank", "alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules", "init",
                      "use_rslora", "use_dora", "seed", "batch_size", "gradient_accumulation_steps", "optimizer",
-                     "resolution", "enable_buckets")
+                     "resolution", "enable_buckets", "validation_split")
 
 
 def base_file_name(base: str) -> str:
@@ -210,9 +210,9 @@ def check_resumable(cfg: TrainConfig, saved: dict, state_dir: Path) -> None:
 
 
 def resume_run(cfg: TrainConfig, run_dir: Path, named: dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
-            accelerator, progress) -> tuple[int, list[float], list[float]]:
+            accelerator, progress) -> tuple[int, list[float], list[float], dict]:
     """Load a saved state (``save_state``) into the freshly built run: LoRA weights, optimizer, LR scheduler,
-    loss scaler and RNG states. Returns (step, losses, learning rates) so far."""
+    loss scaler and RNG states. Returns (step, losses, learning rates) so far and trainer.json's contents."""
     state_dir = find_state(cfg.resume, run_dir)
     adapter, torch_state, info = load_state(state_dir)
     check_resumable(cfg, info.get("config", {}), state_dir)
@@ -232,4 +232,4 @@ def resume_run(cfg: TrainConfig, run_dir: Path, named: dict[str, torch.nn.Parame
         torch.cuda.set_rng_state_all(torch_state["rng_cuda"])
     step = int(info["step"])
     report(progress, "train", step, cfg.steps, f"resumed from {state_dir} at step {step}")
-    return step, list(info["losses"]), list(info["lrs"])
+    return step, list(info["losses"]), list(info["lrs"]), info

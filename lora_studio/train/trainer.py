@@ -34,6 +34,8 @@ from .objective import diffusion_loss, sample_noise
 from .outputs import RunWriter
 from .placement import Offloader, Placement, frozen_dtypes, wants_channels_last
 from .save import resume_run
+from .tracking import Curves, accelerator_kwargs, check_log_with
+from .validation import Validator, validation_items
 
 
 @dataclass
@@ -120,7 +122,7 @@ def _make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **accelerator_kwargs(cfg))
 
 
 def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: StopFlag | None = None,
@@ -139,8 +141,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
     if not cfg.data_dir:
         raise ConfigError("data_dir is empty: give the folder of training images (--data DIR).")
     callbacks = callbacks or TrainCallbacks()
+    check_log_with(cfg.log_with)
 
-    items = scan_images(cfg.data_dir, cfg.caption_extension, cfg.trigger_word)
+    items, val_items = validation_items(cfg, scan_images(cfg.data_dir, cfg.caption_extension, cfg.trigger_word))
     pipe = pipeline if pipeline is not None else load_base(cfg.base, progress=progress).pipe
     family = family_of_pipeline(pipe)
     accelerator = _make_accelerator(cfg)
@@ -179,7 +182,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
                 stack.enter_context(disable_input_dtype_casting(inj.model, active=casts_off))
             stack.enter_context(lean_backward(pipe.unet, cfg.lean_backward))  # after the LoRA layers: it reads
             return _run(cfg, pipe, sdxl, accelerator, device, injected, batches, writer, progress, stop, callbacks,
-                        offloader)
+                        offloader, val_items)
     except BaseException as err:
         writer.discard_if_unused()  # a run that failed before it saved anything leaves no folder behind
         if isinstance(err, torch.OutOfMemoryError):
@@ -193,6 +196,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None, stop: S
         offloader.restore()
         placement.restore()
         _restore_modules(cfg, pipe.unet, *encoders)
+        accelerator.end_training()  # closes the tracker's event files
         accelerator.free_memory()
 
 
@@ -213,7 +217,7 @@ def _restore_modules(cfg: TrainConfig, unet, *encoders) -> None:
 
 def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list[InjectedLora],
          batches: BucketBatches, writer: RunWriter, progress, stop, callbacks: TrainCallbacks,
-         offloader: Offloader) -> TrainResult:
+         offloader: Offloader, val_items: list) -> TrainResult:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -253,6 +257,8 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
     all_captions = sorted({it.caption for it in batches.items} | ({""} if cfg.caption_dropout_rate > 0 else set()))
     with accelerator.autocast():
         text_cached = not cfg.shuffle_tags and conditioner.precompute(all_captions)
+    validator = Validator(cfg, val_items, pipe.vae, conditioner, noise_scheduler, prediction,
+                          writer.run_dir / "latent-cache", accelerator) if val_items else None
     offloader.offload(([pipe.vae] if cfg.cache_latents != "none" else [])
                       + ([pipe.text_encoder, getattr(pipe, "text_encoder_2", None)] if text_cached else []))
     step_unet = _maybe_compile(unet_p, cfg.compile_unet, device, cfg.compile_mode)
@@ -261,8 +267,14 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
 
     named = {f"{inj.prefix}::{k}": p for inj in injected for k, p in inj.named_parameters().items()}
     step, losses, lrs = 0, [], []
+    curves = Curves(cfg, writer.run_dir, accelerator)
     if cfg.resume:
-        step, losses, lrs = resume_run(cfg, writer.run_dir, named, optimizer, lr_scheduler, accelerator, progress)
+        step, losses, lrs, info = resume_run(cfg, writer.run_dir, named, optimizer, lr_scheduler, accelerator,
+                                             progress)
+        curves.restore(info.get("validation", []))
+    hint = curves.start()
+    if hint:
+        report(progress, "train", step, cfg.steps, hint)
 
     def save_state() -> Path:
         torch_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
@@ -270,7 +282,7 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
                        "rng_cpu": torch.get_rng_state(),
                        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         adapter = {k: p.detach().float().cpu() for k, p in named.items()}
-        return writer.save_state(step, adapter, torch_state, losses, lrs)
+        return writer.save_state(step, adapter, torch_state, losses, lrs, curves.history)
 
     def modules():
         return {k: m for inj in injected for k, m in to_kohya_modules(inj).items()}
@@ -334,6 +346,7 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
         losses.append(step_loss)
         lrs.append(lr)
         report(progress, "train", step, cfg.steps, f"loss {step_loss:.4f} lr {lr:.2e}", loss=step_loss, lr=lr)
+        curves.log_step(step, step_loss, lr)
         if callbacks.on_step:
             callbacks.on_step(step, step_loss)
         if not accelerator.is_main_process:
@@ -345,6 +358,9 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
             path = writer.save_lora(modules(), step, final=False)
             if callbacks.on_save:
                 callbacks.on_save(step, path)
+        if validator and cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0 and step < cfg.steps:
+            value = validator(unet_p, (unet_p, *tes_p), accelerator)
+            curves.validated(step, value, lambda: writer.lora_at(step, modules))
         if cfg.save_state_every_n_steps and step % cfg.save_state_every_n_steps == 0 and step < cfg.steps:
             save_state()
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and cfg.sample_prompts:
@@ -358,6 +374,8 @@ def _run(cfg: TrainConfig, pipe, sdxl: bool, accelerator, device, injected: list
                 callbacks.on_sample(step, grid)
 
     lora_path = writer.save_lora(modules(), step, final=not stopped)
+    if validator and not stopped and accelerator.is_main_process:
+        curves.validated(step, validator(unet_p, (unet_p, *tes_p), accelerator), lambda: lora_path)
     if stopped:
         save_state()
     writer.finish(losses, lrs)

@@ -23,6 +23,10 @@ bf16 rounding step of the weights rather than exactly.
     python bench/mix_apply.py --size sd15 --repeat 3
     python bench/mix_apply.py --size sd15 --repeat 3 --dtype bf16
     python bench/mix_apply.py --size sd15 --repeat 3 --dtype bf16 --device cuda    # GPU
+
+``--loras 1,10,50`` measures stacks of many LoRAs instead (``bench/mix_many.py``):
+
+    python bench/mix_apply.py --size sd15 --loras 1,10,50 --rank-range 16,128 --repeat 3
 """
 
 from __future__ import annotations
@@ -242,6 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the pipeline's weight dtype")
     p.add_argument("--device", default="cpu", help="where the pipeline lives (cpu, cuda); the LoRA file is "
                    "read from disk either way")
+    p.add_argument("--loras", help="comma-separated LoRA counts (1,10,50): time stacks of that many LoRAs instead")
+    p.add_argument("--rank-range", default="16,128", help="with --loras: each LoRA's rank is drawn from LO,HI")
     a = p.parse_args(argv)
     quiet_libraries()
     import torch
@@ -256,6 +262,14 @@ def main(argv=None) -> int:
     weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     pipe.to(a.device, weight_dtype)
     build_s = time.perf_counter() - t0
+    if a.loras:
+        from bench.mix_many import run_many
+
+        counts = [int(c) for c in a.loras.split(",")]
+        lo, hi = (int(r) for r in a.rank_range.split(","))
+        with tempfile.TemporaryDirectory(prefix="bench-mix-many-") as tmp:
+            return run_many(pipe, Path(tmp), counts, (lo, hi), a.repeat, write_attention_lora, _probe_weights,
+                            f"size {a.size}: {size['model']} model in {a.dtype} on {a.device}")
     with tempfile.TemporaryDirectory(prefix="bench-mix-") as tmp:
         path = Path(tmp) / f"attn-r{size['rank']}.safetensors"
         info = write_attention_lora(pipe, path, size["rank"])

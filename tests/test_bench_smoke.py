@@ -54,6 +54,14 @@ def test_mix_apply_tiny_through_the_cli(dtype):
     assert ours.rstrip(" |").endswith("0 opens, 0 reads"), ours  # a strength change reads no file
 
 
+def test_mix_apply_many_loras_tiny():
+    lines = _run([sys.executable, "bench/mix_apply.py", "--size", "tiny", "--repeat", "1", "--loras", "1,3",
+                  "--rank-range", "1,4"])
+    _check_output(lines, "LoRAs", ("change_flat_ours", "load@1", "change@1", "load@3", "change@3"))
+    assert any(ln.startswith("| 3 ") for ln in lines), "\n".join(lines)
+    assert any(ln.startswith("same weights:") for ln in lines)
+
+
 @pytest.mark.slow
 def test_export_tiny_prints_table_and_ratios():
     lines = _run([sys.executable, "bench/export.py", "--size", "tiny", "--repeat", "1"])

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InputFileError
-from ..library import ModelLibrary, gather_folders, scan_models
+from ..library import ModelLibrary, ScanCache, gather_folders, scan_models
+from ..library.civitai import DEFAULT_URL, check_base_url, lookup_civitai
 from ..progress import text_progress
 
 DEFAULT_CACHE = Path("outputs") / "cache" / "library.json"
@@ -26,6 +27,12 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help='print one JSON object {"checkpoints": [...], "loras": [...]}')
     p.add_argument("--cache", default=str(DEFAULT_CACHE), metavar="FILE",
                    help=f"the scan cache (hashes and what each file holds; default {DEFAULT_CACHE})")
+    p.add_argument("--civitai-lookup", action="store_true",
+                   help="ask Civitai (by SHA-256) about each LoRA that has no NAME.civitai.info, and write that file "
+                        "and a preview beside it; without this flag nothing is sent anywhere")
+    p.add_argument("--civitai-url", default=DEFAULT_URL, metavar="URL", help=f"Civitai's address (default {DEFAULT_URL})")
+    p.add_argument("--civitai-retry", action="store_true",
+                   help="with --civitai-lookup: ask again about LoRAs Civitai did not know last time")
     p.set_defaults(func=_run)
 
 
@@ -53,11 +60,26 @@ def _run(args) -> int:
     if not (args.webui_dir or args.comfy_dir or args.lora_dir or args.model_dir):
         raise InputFileError("say where your models are: --webui-dir DIR, --comfy-dir DIR, --lora-dir DIR or "
                              "--model-dir DIR (each may be given several times).")
+    if args.civitai_lookup:
+        check_base_url(args.civitai_url)
     folders = gather_folders(args.webui_dir, args.comfy_dir, args.lora_dir, args.model_dir)
     progress = text_progress() if sys.stderr.isatty() else None
-    library = scan_models(folders, cache=args.cache, progress=progress)
+    cache = ScanCache(args.cache)
+    library = scan_models(folders, cache=cache, progress=progress)
+    status = 0
+    if args.civitai_lookup:
+        looked = lookup_civitai(library.loras, cache, args.civitai_url, retry_missing=args.civitai_retry,
+                                progress=progress)
+        cache.save()
+        for result in looked.results:
+            print(f"civitai: {result.message}", file=sys.stderr)
+        if looked.stopped:
+            print(f"civitai: stopped: {looked.stopped}", file=sys.stderr)
+            status = 1
+        if looked.written:
+            library = scan_models(folders, cache=cache)  # the new sidecars (every file a cache hit)
     if args.json:
         print(json.dumps(library.to_json(), indent=2))
     else:
         print(format_library(library))
-    return 0
+    return status

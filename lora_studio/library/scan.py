@@ -30,30 +30,28 @@ INTERNAL_PROBLEM = ("a training run's internal state (kept to resume training), 
 
 
 @dataclass
-class LoraEntry:
+class CheckpointEntry:
+    """What the library knows of a model file; a checkpoint has nothing more."""
+
     path: Path
     name: str
     family: str | None = None
-    kind: str | None = None
-    rank: int | None = None
     sha256: str | None = None
     autov2: str | None = None
+    problem: str | None = None        # None, or why it cannot be used
+
+
+@dataclass
+class LoraEntry(CheckpointEntry):
+    """A LoRA: the checkpoint's fields, what the inspector reads and what the ecosystem keeps beside it."""
+
+    kind: str | None = None
+    rank: int | None = None
     preview: Path | None = None
     trigger_words: list[str] = field(default_factory=list)
     activation_text: str | None = None
     preferred_weight: float | None = None
     civitai: dict[str, str | None] | None = None
-    problem: str | None = None
-
-
-@dataclass
-class CheckpointEntry:
-    path: Path
-    name: str
-    family: str | None = None
-    sha256: str | None = None
-    autov2: str | None = None
-    problem: str | None = None
 
 
 @dataclass

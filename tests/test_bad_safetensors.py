@@ -54,11 +54,9 @@ def test_the_valid_file_the_corpus_breaks_loads(tmp_path):
     assert inspect_lora(path).problem is None
 
 
-def test_header_bound_is_enforced_before_reading(tmp_path, monkeypatch):
-    """A header that is really longer than the bound (not only a lying length field) is refused unread."""
-    path = B.write_valid(tmp_path)
-    monkeypatch.setattr(fileio, "MAX_HEADER_BYTES", 64)
-    reads = []
+def _count_reads(monkeypatch) -> list[int]:
+    """The sizes of every ``read`` on files opened from now on (the list fills as they are read)."""
+    reads: list[int] = []
     real_open = open
 
     def counting_open(*a, **kw):
@@ -68,6 +66,14 @@ def test_header_bound_is_enforced_before_reading(tmp_path, monkeypatch):
         return fh
 
     monkeypatch.setattr("builtins.open", counting_open)
+    return reads
+
+
+def test_header_bound_is_enforced_before_reading(tmp_path, monkeypatch):
+    """A header that is really longer than the bound (not only a lying length field) is refused unread."""
+    path = B.write_valid(tmp_path)
+    monkeypatch.setattr(fileio, "MAX_HEADER_BYTES", 64)
+    reads = _count_reads(monkeypatch)
     with pytest.raises(InputFileError) as info:
         fileio.read_safetensors_header(path)
     B.assert_helpful(info.value, (("limit",),), path)
@@ -83,16 +89,7 @@ def test_header_limit_is_the_librarys_and_checked_unread(tmp_path, monkeypatch):
     path = B.header_over_library_limit(tmp_path)
     with pytest.raises(Exception, match="too large"):
         load_file(str(path))
-    reads = []
-    real_open = open
-
-    def counting_open(*a, **kw):
-        fh = real_open(*a, **kw)
-        real_read = fh.read
-        fh.read = lambda n=-1: reads.append(n) or real_read(n)  # noqa: E731
-        return fh
-
-    monkeypatch.setattr("builtins.open", counting_open)
+    reads = _count_reads(monkeypatch)
     with pytest.raises(InputFileError) as info:
         fileio.read_safetensors_header(path)
     B.assert_helpful(info.value, (("limit of 100,000,000 bytes",),), path)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lora_studio import demo
+from lora_studio.demo.build import Stage
 from lora_studio.demo.shapes import COLORS, WORDS, ShapeSpec, draw_striped, shape_mask
 
 
@@ -37,10 +38,10 @@ def test_demo_pipeline_has_the_real_sd_structure(demo_pipe):
 
 
 def test_demo_build_is_deterministic(tmp_path):
-    cfg = demo.DemoBuildConfig(vae_steps=2, unet_steps=2, pool_size=16, batch_size=4)
+    cfg = demo.DemoBuildConfig(vae=Stage(2, 2e-3), unet=Stage(2, 1e-3), pool_size=16, batch_size=4)
     a = demo.build_demo_pipeline(cfg)
     b = demo.build_demo_pipeline(cfg)
-    c = demo.build_demo_pipeline(demo.DemoBuildConfig(vae_steps=2, unet_steps=2, pool_size=16, batch_size=4, seed=1))
+    c = demo.build_demo_pipeline(demo.DemoBuildConfig(vae=Stage(2, 2e-3), unet=Stage(2, 1e-3), pool_size=16, batch_size=4, seed=1))
     for comp in ("unet", "vae", "text_encoder"):
         sa, sb, sc = (getattr(p, comp).state_dict() for p in (a, b, c))
         assert sa.keys() == sb.keys()
@@ -114,7 +115,7 @@ def test_striped_style_is_what_the_dataset_draws():
 
 def test_demo_build_writes_its_folder_atomically(tmp_path, monkeypatch):
     """A build that fails while saving leaves no folder that ensure_demo_model would take for a finished model."""
-    cfg = demo.DemoBuildConfig(vae_steps=1, unet_steps=1, pool_size=8, batch_size=2)
+    cfg = demo.DemoBuildConfig(vae=Stage(1, 2e-3), unet=Stage(1, 1e-3), pool_size=8, batch_size=2)
     out = tmp_path / "model"
     built = demo.build_demo_model(out, cfg)
     assert (built / "model_index.json").is_file() and (built / "BUILD.json").is_file()

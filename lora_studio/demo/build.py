@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,14 +17,20 @@ from .model import DEMO_MODEL_DIR, DEMO_RESOLUTION, SCHEDULER_CONFIG, random_dem
 from .shapes import draw_shape, draw_striped, random_spec
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of the demo build: how many steps, at which learning rate."""
+
+    steps: int
+    lr: float
+
+
 @dataclass
 class DemoBuildConfig:
     seed: int = 0
-    vae_steps: int = 400
-    unet_steps: int = 1500
+    vae: Stage = Stage(steps=400, lr=2e-3)
+    unet: Stage = Stage(steps=1500, lr=1e-3)
     batch_size: int = 32
-    vae_lr: float = 2e-3
-    unet_lr: float = 1e-3
     pool_size: int = 512      # distinct training pictures drawn once
     striped_fraction: float = 0.25  # share of striped pictures the *VAE* sees, so it can reconstruct the style
 
@@ -44,9 +50,9 @@ def _picture_pool(cfg: DemoBuildConfig) -> tuple[torch.Tensor, list[str], torch.
 
 def _train_vae(vae, pictures: torch.Tensor, cfg: DemoBuildConfig, gen: torch.Generator,
                progress: ProgressCallback | None) -> None:
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.lr, weight_decay=0.0)
     vae.train()
-    for step in range(cfg.vae_steps):
+    for step in range(cfg.vae.steps):
         idx = torch.randint(0, len(pictures), (cfg.batch_size // 2,), generator=gen)
         x = pictures[idx]
         post = vae.encode(x).latent_dist
@@ -61,8 +67,8 @@ def _train_vae(vae, pictures: torch.Tensor, cfg: DemoBuildConfig, gen: torch.Gen
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 20 == 0 or step == cfg.vae_steps - 1:
-            report(progress, "demo-vae", step + 1, cfg.vae_steps, f"loss {loss.item():.4f}", loss=loss.item())
+        if step % 20 == 0 or step == cfg.vae.steps - 1:
+            report(progress, "demo-vae", step + 1, cfg.vae.steps, f"loss {loss.item():.4f}", loss=loss.item())
     vae.eval()
 
 
@@ -77,13 +83,13 @@ def _train_unet(pipe, latents: torch.Tensor, captions: list[str], cfg: DemoBuild
     unet, text = pipe.unet, pipe.text_encoder
     # The text encoder learns too: a random frozen CLIP separates shapes but barely separates colours.
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
-    warm = max(1, cfg.unet_steps // 20)
+    opt = torch.optim.AdamW(params, lr=cfg.unet.lr, weight_decay=0.0)
+    warm = max(1, cfg.unet.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet.steps))))
     text.train()
     unet.train()
-    for step in range(cfg.unet_steps):
+    for step in range(cfg.unet.steps):
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
         x0 = latents[idx]
         batch_ids = ids[idx].clone()
@@ -100,8 +106,8 @@ def _train_unet(pipe, latents: torch.Tensor, captions: list[str], cfg: DemoBuild
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if step % 20 == 0 or step == cfg.unet_steps - 1:
-            report(progress, "demo-unet", step + 1, cfg.unet_steps, f"loss {loss.item():.4f}", loss=loss.item())
+        if step % 20 == 0 or step == cfg.unet.steps - 1:
+            report(progress, "demo-unet", step + 1, cfg.unet.steps, f"loss {loss.item():.4f}", loss=loss.item())
     unet.eval()
     text.eval()
 
@@ -131,7 +137,7 @@ def build_demo_model(out_dir: str | Path = DEMO_MODEL_DIR, cfg: DemoBuildConfig 
     with atomic_dir(out) as tmp:  # an interrupted build never leaves a folder that looks finished
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "BUILD.json").write_text(json.dumps({"builder": "lora_studio.demo.build_demo_model",
-                                                     "config": vars(cfg or DemoBuildConfig())}, indent=2))
+                                                     "config": asdict(cfg or DemoBuildConfig())}, indent=2))
     return out
 
 

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import torch
 
-from .configs import config_dir as shipped_config_dir
 from .configs import family_tokenizers
+from .configs.carried import single_file_configs
 from .errors import InputFileError, LoraStudioError, UnsafeFileError
 from .family import Family, family_of_pipeline
 from .fileio import (PICKLE_SUFFIXES, load_state_dict, not_weights_error, read_head, read_safetensors_header,
@@ -204,7 +204,13 @@ def _apply_prediction_type(pipe, metadata: dict[str, str]) -> None:
 
 def _from_single_file(path: Path, family: Family, source: str, dtype: torch.dtype, config_dir: Path | None,
                       metadata: dict[str, str]) -> LoadedModel:
-    cfg = check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
+    given = check_config_dir(Path(config_dir), family) if config_dir else None
+    with single_file_configs(family, metadata, source, given) as cfg:
+        return _from_config_folder(path, family, source, dtype, cfg, metadata)
+
+
+def _from_config_folder(path: Path, family: Family, source: str, dtype: torch.dtype, cfg: Path,
+                        metadata: dict[str, str]) -> LoadedModel:
     cls = _pipeline_class(family)
     # The shipped configs hold no tokenizer files (one shared CLIP vocabulary): pass the tokenizers in.
     tokenizers = {} if (cfg / "tokenizer").is_dir() else family_tokenizers(family)
@@ -216,8 +222,8 @@ def _from_single_file(path: Path, family: Family, source: str, dtype: torch.dtyp
     except Exception as err:
         raise InputFileError(
             f"{source} looks like a {family.label} checkpoint but could not be loaded with the {family.label} "
-            f"configs in {cfg}: {err}. If it is a non-standard model, pass a config folder that matches it "
-            "(config_dir / --config).") from err
+            f"configs in {cfg}: {err}. If it is a non-standard model, pass a config-only diffusers folder that "
+            "matches it with --config-dir (config_dir=... from Python).") from err
     _no_meta_weights(pipe, source)
     _apply_prediction_type(pipe, metadata)
     return _finish(pipe, source, "single_file", family)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..configs.carried import configs_of_pipeline
 from ..errors import ConfigError, InputFileError, StopRequested
 from ..fileio import atomic_dir, save_safetensors_atomic
 from ..finite import refuse_nonfinite
@@ -166,7 +167,8 @@ def export_merged_checkpoint(base, loras, out: str | os.PathLike, *,
             _check_finite(sd.items(), str(out))
             _check_stop(stop, out)
             meta = checkpoint_metadata(base_metadata(source), family, out.stem, records, dtype, base_name,
-                                       pipe.scheduler.config.get("prediction_type", "epsilon"))
+                                       pipe.scheduler.config.get("prediction_type", "epsilon"),
+                                       configs_of_pipeline(pipe))
             report(progress, "write", 0, 1, str(out))
             save_safetensors_atomic(sd, out, meta)
             del sd

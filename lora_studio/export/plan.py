@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..configs.carried import CONFIGS_KEY
 from ..family import Family
 from ..fileio import read_safetensors_header
 from ..mix import LoraMixer
@@ -72,10 +73,12 @@ def base_metadata(source: Path | None) -> dict[str, str]:
 
 
 def checkpoint_metadata(base_meta: dict[str, str], family: Family, title: str, records: list[dict],
-                        dtype: str, base_name: str, prediction_type: str | None = None) -> dict[str, str]:
+                        dtype: str, base_name: str, prediction_type: str | None = None,
+                        configs: dict[str, str] | None = None) -> dict[str, str]:
     """Base metadata + what was merged + model-spec keys for a merged checkpoint. ``prediction_type`` is the base
     pipeline's scheduler's (``"epsilon"``, ``"v_prediction"``), written as the model spec spells it (``"epsilon"``,
-    ``"v"``), which ``models.load_base`` reads back."""
+    ``"v"``), which ``models.load_base`` reads back. ``configs`` (``configs.carried``: the base's config files)
+    are stored as ``lora_studio.configs`` so a model of any size loads back without a config folder."""
     res = family.default_resolution
     meta = {k: v for k, v in base_meta.items() if k != "modelspec.hash_sha256"}
     meta.update({
@@ -90,6 +93,8 @@ def checkpoint_metadata(base_meta: dict[str, str], family: Family, title: str, r
         "lora_studio.merged_loras": json.dumps(records),
         "lora_studio.dtype": dtype,
     })
+    if configs:
+        meta[CONFIGS_KEY] = json.dumps(configs, sort_keys=True)
     if modelspec_prediction_type(prediction_type):
         meta["modelspec.prediction_type"] = modelspec_prediction_type(prediction_type)
     return meta

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..configs import config_dir as shipped_config_dir
+from ..configs.carried import configs_of_folder, single_file_configs
 from ..errors import InputFileError, StopRequested
 from ..family import Family, family_of_pipeline
 from ..fileio import TORCH_DTYPES, read_safetensors_header, read_safetensors_tensor, write_safetensors_streamed
@@ -158,13 +158,14 @@ def _prediction_type(config_dir: Path, base_meta: dict) -> str:
 
 
 def _merge_plan(skeleton, family: Family, loras, base_meta: dict, out: Path, dtype_name: str, base_name: str,
-                prediction_type: str | None = None):
+                prediction_type: str | None = None, configs: dict[str, str] | None = None):
     """The LoRAs matched on the skeleton: (layers changed, checkpoint key -> targets, records, file metadata)."""
 
     mixer = mixer_on(skeleton, loras)
     plan = mixer.contributions()
     records = merge_records(mixer)
-    meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base_name, prediction_type)
+    meta = checkpoint_metadata(base_meta, family, out.stem, records, dtype_name, base_name, prediction_type,
+                               configs)
     return len(plan), _targets(plan, skeleton, family), records, meta
 
 
@@ -195,13 +196,14 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
     report(progress, "load", 0, 1, str(base))
     header, base_meta = read_safetensors_header(base)
     family = detect_family_from_ldm_keys(header, str(base))
-    cfg = check_config_dir(Path(config_dir), family) if config_dir else shipped_config_dir(family)
-    skeleton = skeleton_pipeline(cfg)
-    _check_skeleton(header, skeleton, family, str(base), cfg)
-    report(progress, "load", 1, 1, str(base))
-
-    n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, base_meta, out, dtype_name, base.name,
-                                                    _prediction_type(cfg, base_meta))
+    given = check_config_dir(Path(config_dir), family) if config_dir else None
+    with single_file_configs(family, base_meta, str(base), given) as cfg:
+        skeleton = skeleton_pipeline(cfg)
+        _check_skeleton(header, skeleton, family, str(base), cfg)
+        report(progress, "load", 1, 1, str(base))
+        n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, base_meta, out, dtype_name,
+                                                        base.name, _prediction_type(cfg, base_meta),
+                                                        configs_of_folder(cfg))
     keys = [k for k in header if not k.startswith(DROPPED_PREFIXES)]
     stored = {k: TORCH_DTYPES.get(header[k]["dtype"]) for k in keys}
     unreadable = [k for k, d in stored.items() if d is None]
@@ -334,7 +336,7 @@ def stream_folder_checkpoint(folder: Path, loras, out: Path, torch_dtype: torch.
     report(progress, "load", 1, 1, str(folder))
 
     n_changed, targets, records, meta = _merge_plan(skeleton, family, loras, {}, out, dtype_name, folder.name,
-                                                    _prediction_type(folder, {}))
+                                                    _prediction_type(folder, {}), configs_of_folder(folder))
     stored = {k: TORCH_DTYPES.get(e[1][0][1]["dtype"]) for k, e in recipes.items()}
     stored.update({k: t.dtype for k, t in made.items()})
     if any(d is None for d in stored.values()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from pathlib import Path
 
 from .errors import ConfigError, LoraStudioError
 
@@ -72,3 +73,20 @@ def check_name(name: str, what: str, error: type[LoraStudioError] = ConfigError)
         raise error(f"{what} {name!r} must be a plain name: {problem}. Use letters, digits, spaces and . _ - "
                     "(no slashes), e.g. 'my-style-v2'.")
     return name
+
+
+def next_free_path(path: str | Path, suffix: str | None = None, width: int = 4) -> Path:
+    """``path`` when nothing is there yet; else the first free ``<stem>-0001<suffix>``, ``<stem>-0002<suffix>``, ...
+    beside it, so a new output never replaces an earlier one. ``suffix`` defaults to the path's own (give ``""``
+    for a folder whose name holds dots)."""
+    path = Path(path)
+    suffix = path.suffix if suffix is None else suffix
+    if not path.exists() and not path.is_symlink():
+        return path
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    n = 1
+    while True:
+        candidate = path.with_name(f"{stem}-{n:0{width}d}{suffix}")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+        n += 1

@@ -272,3 +272,37 @@ def test_path_policy_resolves_links_and_dots(tmp_path):
     for bad in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(InputFileError, match="plain name"):
             policy.output(bad, "exports")
+
+
+def test_new_output_numbers_instead_of_replacing(tmp_path):
+    policy = PathPolicy(tmp_path / "outputs")
+    exports = policy.outputs / "exports"
+    exports.mkdir()
+    assert policy.new_output("merged", "exports", ".safetensors") == exports / "merged.safetensors"
+    (exports / "merged.safetensors").touch()
+    assert policy.new_output("merged.safetensors", "exports", ".safetensors") == exports / "merged-0001.safetensors"
+    (exports / "merged-0001.safetensors").touch()
+    assert policy.new_output("merged", "exports", ".safetensors") == exports / "merged-0002.safetensors"
+    (exports / "model.v2").mkdir()  # a diffusers-folder export: the dot is part of the name
+    assert policy.new_output("model.v2", "exports") == exports / "model.v2-0001"
+
+
+def test_gui_exports_with_the_same_name_are_all_kept(running, trained):
+    """Every export of the Export tab, run twice under one name, keeps both files (numbered), and a merged
+    checkpoint written there opens again as the tuned model of an extraction."""
+    app, client, base, _ = running
+    lora, exports = trained["lora"], app.outputs / "exports"
+    for _ in range(2):
+        client.predict(base=base, loras=f"{lora}:0.8", fmt="single_file", dtype="fp32", name="twice",
+                       api_name="/export_checkpoint")
+        client.predict(loras=f"{lora}:1", method="concat", name="twice-lora", api_name="/export_merged_lora")
+        client.predict(lora=str(lora), method="fixed", value=2, name="twice-small", api_name="/export_resize")
+    for name in ("twice", "twice-lora", "twice-small"):
+        assert (exports / f"{name}.safetensors").is_file() and (exports / f"{name}-0001.safetensors").is_file()
+    first = (exports / "twice.safetensors").read_bytes()
+    for _ in range(2):
+        text, _ = client.predict(tuned=str(exports / "twice.safetensors"), base=base, method="fixed", value=2,
+                                 targets="attn", name="twice-extracted", api_name="/export_extract")
+    assert "twice-extracted-0001.safetensors" in text
+    assert (exports / "twice-extracted.safetensors").is_file()
+    assert (exports / "twice.safetensors").read_bytes() == first

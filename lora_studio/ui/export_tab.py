@@ -1,6 +1,7 @@
 """Export tab: merged checkpoint (single file / diffusers folder, precision), merged LoRA, resize by rank /
 ratio / energy with the spectrum plot, and extraction of a LoRA from two models. Outputs are plain names
-written under ``outputs/exports``; every input path goes through the path policy."""
+written under ``outputs/exports``, numbered (``merged-0001``) rather than replacing an earlier file; every input
+path goes through the path policy."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def build_export_tab(ctx: AppContext, mix_state: gr.State) -> None:
     @user_errors
     def export_checkpoint(session, base, use_mix, loras, fmt, dtype, name, progress=gr.Progress()):
         suffix = ".safetensors" if fmt == "single_file" else ""
-        out = ctx.policy.output(name, "exports", suffix)
+        out = ctx.policy.new_output(name, "exports", suffix)
         if use_mix:
             if not isinstance(session, MixSession) or session.mixer is None or not session.mixer.entries:
                 raise gr.Error("the Mix tab holds no LoRAs yet: render a mix there first, or list LoRA files here.")
@@ -96,7 +97,7 @@ def build_export_tab(ctx: AppContext, mix_state: gr.State) -> None:
 
     @user_errors
     def export_lora(loras, method, rank_method, value, name, progress=gr.Progress()):
-        out = ctx.policy.output(name, "exports", ".safetensors")
+        out = ctx.policy.new_output(name, "exports", ".safetensors")
         report = merge_loras(_lora_lines(ctx, loras), out, method=method, rank_method=rank_method,
                              value=float(value), progress=progress_adapter(progress))
         return report.text()
@@ -111,13 +112,13 @@ def build_export_tab(ctx: AppContext, mix_state: gr.State) -> None:
     @user_errors
     def resize(lora, method, value, name, progress=gr.Progress()):
         src = ctx.policy.readable(lora, "LoRA file")
-        out = ctx.policy.output(name, "exports", ".safetensors")
+        out = ctx.policy.new_output(name, "exports", ".safetensors")
         report = resize_lora(src, out, method, float(value), progress=progress_adapter(progress))
         return report.text(), _spectrum(report, out.with_suffix(".spectrum.png"))
 
     @user_errors
     def extract(tuned, base, method, value, targets, name, progress=gr.Progress()):
-        out = ctx.policy.output(name, "exports", ".safetensors")
+        out = ctx.policy.new_output(name, "exports", ".safetensors")
         report = extract_lora(_model(ctx, tuned, "tuned model"), _model(ctx, base, "base model"), out, method,
                               float(value), targets=targets, progress=progress_adapter(progress))
         return report.text(), _spectrum(report, out.with_suffix(".spectrum.png"))

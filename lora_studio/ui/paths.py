@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputFileError
-from ..names import check_name
+from ..names import check_name, next_free_path
 
 
 @dataclass
@@ -60,3 +60,8 @@ class PathPolicy:
             name = name[: -len(suffix)]
         check_name(name, "output name", InputFileError)
         return self.outputs / kind / f"{name}{suffix}"
+
+    def new_output(self, name: str, kind: str, suffix: str = "") -> Path:
+        """``output``, numbered (``name-0001``, ...) when that file or folder exists: the app never replaces an
+        earlier output (the CLI writes exactly the ``--out`` it is given)."""
+        return next_free_path(self.output(name, kind, suffix), suffix)

@@ -100,3 +100,13 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     assert (tmp_path / "out" / "r" / "r.safetensors").exists()
     losses = (tmp_path / "out" / "r" / "loss.csv").read_text().splitlines()
     assert len(losses) == done + 2                                      # header + every step, before and after
+
+
+def test_network_flags_reach_the_config():
+    cfg = build_config(_args("--preset", "demo-cpu", "--network", "lokr", "--factor", "4", "--decompose-both",
+                             "--use-tucker", "--conv-rank", "2", "--conv-alpha", "1"))
+    assert (cfg.network, cfg.lokr_factor, cfg.decompose_both, cfg.use_tucker, cfg.conv_rank, cfg.conv_alpha) == \
+        ("lokr", 4, True, True, 2, 1.0)
+    assert build_config(_args("--preset", "demo-cpu", "--use-dora")).use_dora
+    with pytest.raises(ConfigError, match="use_dora"):
+        build_config(_args("--preset", "demo-cpu", "--network", "loha", "--use-dora"))

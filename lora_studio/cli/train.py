@@ -18,6 +18,8 @@ from ..train.config import TrainConfig, load_preset
 
 # option name -> TrainConfig key, for the options that have their own flag
 FLAGS = {"data": "data_dir", "base": "base", "steps": "steps", "rank": "rank", "alpha": "alpha",
+         "network": "network", "use_dora": "use_dora", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha",
+         "factor": "lokr_factor", "use_tucker": "use_tucker", "decompose_both": "decompose_both",
          "lr": "learning_rate", "te_lr": "text_encoder_lr", "batch_size": "batch_size", "resolution": "resolution",
          "output_dir": "output_dir", "run_name": "run_name", "output_name": "output_name",
          "trigger": "trigger_word", "seed": "seed", "mixed_precision": "mixed_precision",
@@ -41,6 +43,19 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
+    p.add_argument("--network", choices=["lora", "locon", "loha", "lokr"], help="what to train: 'lora' (kohya "
+                   "LoRA; conv targets become LoCon), 'locon' (the same, named as LyCORIS's LoCon), 'loha' or "
+                   "'lokr' (LyCORIS LoHa / LoKr through peft); default lora")
+    p.add_argument("--use-dora", action=argparse.BooleanOptionalAction, help="DoRA (weight-decomposed LoRA) on "
+                   "top of --network lora or locon")
+    p.add_argument("--conv-rank", type=int, help="rank of conv target layers (LyCORIS conv_dim; default --rank)")
+    p.add_argument("--conv-alpha", type=float, help="alpha of conv target layers (default --alpha)")
+    p.add_argument("--factor", type=int, help="LoKr's factor: split each size into two near this number "
+                   "(default -1: near the square root)")
+    p.add_argument("--use-tucker", action=argparse.BooleanOptionalAction, help="LoHa/LoKr: Tucker-decomposed "
+                   "3x3 convs (peft's use_effective_conv2d)")
+    p.add_argument("--decompose-both", action=argparse.BooleanOptionalAction, help="LoKr: factor the small "
+                   "Kronecker matrix w1 too")
     p.add_argument("--lr", type=float, help="UNet LoRA learning rate")
     p.add_argument("--te-lr", type=float, help="text-encoder LoRA learning rate (with --train-text-encoder)")
     p.add_argument("--batch-size", type=int)

@@ -16,8 +16,7 @@ from ..errors import ConfigError, LoraFormatError
 from ..lora.formats import LoraModule
 from ..lora.keys import UnetLayout, kohya_module_name
 from .config import TrainConfig
-
-ADAPTER = "default"
+from .networks import ADAPTER, NETWORKS, is_adapter_parameter, network_of
 
 
 @dataclass
@@ -30,23 +29,21 @@ class InjectedLora:
     pissa_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (A0, B0)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights that PiSSA changed
     unet_layout: UnetLayout | None = None           # SDXL UNet: kohya names in the original (ldm) layout
+    network: str = "lora"                           # TrainConfig.network
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for n, p in layer.named_parameters()
-                if p.requires_grad and ("lora_" in n)]
+                if p.requires_grad and is_adapter_parameter(n)]
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """Trainable LoRA parameters under stable names (``<module>.<param>``), for saving training state."""
         return {f"{name}.{n}": p for name, layer in self.layers.items() for n, p in layer.named_parameters()
-                if p.requires_grad and "lora_" in n}
+                if p.requires_grad and is_adapter_parameter(n)}
 
 
-def peft_lora_config(cfg: TrainConfig, targets: list[str]):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(targets), lora_dropout=cfg.lora_dropout,
-                      init_lora_weights="pissa" if cfg.init == "pissa" else "gaussian",
-                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+def peft_lora_config(cfg: TrainConfig, targets: list[str], model: nn.Module | None = None):
+    """peft's config for ``cfg.network`` (``LoraConfig``, ``LoHaConfig`` or ``LoKrConfig``)."""
+    return network_of(cfg).peft_config(cfg, targets, model if model is not None else nn.Module())
 
 
 def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: str,
@@ -55,7 +52,7 @@ def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: 
     text encoders alike (``add_adapter`` does not work on the latter). ``unet_layout`` (an SDXL UNet's) makes
     the exported names kohya's original-layout ones (``keys.kohya_module_name``)."""
     from peft import inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     originals = {}
     if cfg.init == "pissa":  # PiSSA rewrites base weights; keep them to restore the base bit for bit afterwards
@@ -63,7 +60,7 @@ def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: 
                      if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(n, t) for t in targets)}
     too_wide = [(n, m.weight.shape[0], m.weight[0].numel()) for n, m in model.named_modules()
                 if isinstance(m, (nn.Linear, nn.Conv2d)) and any(_matches(n, t) for t in targets)
-                and cfg.rank > min(m.weight.shape[0], m.weight[0].numel())]
+                and cfg.network != "lokr" and cfg.rank > min(m.weight.shape[0], m.weight[0].numel())]
     if too_wide:
         n, out_dim, in_dim = too_wide[0]
         raise ConfigError(f"rank = {cfg.rank} is larger than layer {n} of the {prefix.strip('_')} model allows "
@@ -79,20 +76,20 @@ def inject_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], prefix: 
                     raise ConfigError(str(err)) from err
     model.requires_grad_(False)
     try:
-        inject_adapter_in_model(peft_lora_config(cfg, targets), model, adapter_name=ADAPTER)
+        inject_adapter_in_model(peft_lora_config(cfg, targets, model), model, adapter_name=ADAPTER)
     except ValueError as err:
         raise ConfigError(f"target modules {targets} do not match layers of the {prefix.strip('_')} model ({err}). "
                           "Use names such as to_q, to_k, to_v, to_out.0, ff.net.0.proj, proj_in, conv1 "
                           "(UNet) or q_proj, k_proj, v_proj, out_proj, fc1, fc2 (text encoder).") from err
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and ADAPTER in m.scaling}
     for n, p in model.named_parameters():  # peft leaves only its own layers trainable; make sure of it
-        p.requires_grad_("lora_" in n)
+        p.requires_grad_(is_adapter_parameter(n))
     pissa_start = {}
     if cfg.init == "pissa":
         pissa_start = {n: (l.lora_A[ADAPTER].weight.detach().clone(), l.lora_B[ADAPTER].weight.detach().clone())
                        for n, l in layers.items()}
         originals = {n: w for n, w in originals.items() if n in layers}
-    return InjectedLora(model, prefix, layers, pissa_start, originals, unet_layout)
+    return InjectedLora(model, prefix, layers, pissa_start, originals, unet_layout, cfg.network)
 
 
 def skips_input_casts(cfg: TrainConfig) -> bool:
@@ -107,7 +104,7 @@ def skips_input_casts(cfg: TrainConfig) -> bool:
     in each dtype, so those runs keep peft's default. Only for autocast: without it an fp32 weight would
     meet a half-precision input.
     """
-    return not (cfg.use_dora or cfg.lora_dropout > 0)
+    return cfg.network in ("lora", "locon") and not (cfg.use_dora or cfg.lora_dropout > 0)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -120,6 +117,10 @@ def to_kohya_modules(inj: InjectedLora, dtype: torch.dtype = torch.float32) -> d
     ``dora_scale`` (one per output row: (out, 1) for linear, (out, 1, 1, 1) for conv layers)."""
     out: dict[str, LoraModule] = {}
     for name, layer in inj.layers.items():
+        if inj.network in ("loha", "lokr"):          # LyCORIS's tensors: its network writes LyCORIS's tensors
+            kohya = kohya_module_name(inj.prefix, name, inj.unet_layout)
+            out[kohya] = NETWORKS[inj.network].export(layer, kohya, dtype)
+            continue
         down = layer.lora_A[ADAPTER].weight.detach().float()
         up = layer.lora_B[ADAPTER].weight.detach().float()
         scale = float(layer.scaling[ADAPTER])
@@ -157,4 +158,4 @@ def remove_lora(inj: InjectedLora) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))

@@ -23,6 +23,7 @@ DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "network": ("lora", "locon", "loha", "lokr"),
     "init": ("gaussian", "pissa"),
     "optimizer": ("adamw", "adamw8bit", "prodigy"),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
@@ -61,8 +62,11 @@ class TrainConfig:
     cache_latents: str = "memory"           # "memory", "disk" (for large sets) or "none"
     cache_text_embeddings: bool = True      # only when the text encoder is frozen
     # the LoRA
+    network: str = "lora"                   # "lora", "locon" (LyCORIS's name, same layers), "loha" or "lokr"
     rank: int = 16
     alpha: float = 16.0
+    conv_rank: int = 0                      # rank of conv targets (LyCORIS conv_dim); 0: rank
+    conv_alpha: float = 0.0                 # alpha of conv targets; 0: alpha
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TE_TARGETS))
@@ -70,6 +74,12 @@ class TrainConfig:
     use_rslora: bool = False                # scaling alpha / sqrt(r) instead of alpha / r
     use_dora: bool = False
     lora_dropout: float = 0.0
+    # LoHa / LoKr only (LyCORIS's options; peft's LoHaConfig / LoKrConfig)
+    use_tucker: bool = False                # Tucker-decomposed convs (peft's use_effective_conv2d)
+    lokr_factor: int = -1                   # LoKr's factor: split sizes near this number; -1: near the square root
+    decompose_both: bool = False            # LoKr: factor the small matrix w1 too
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
     # optimisation
     steps: int = 1000
     batch_size: int = 1
@@ -185,12 +195,12 @@ class TrainConfig:
         for key in ("alpha", "learning_rate", "adam_epsilon"):
             if not getattr(self, key) > 0:
                 raise bad(key, "it must be greater than 0")
-        for key in ("text_encoder_lr", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset",
+        for key in ("text_encoder_lr", "weight_decay", "conv_rank", "conv_alpha", "max_grad_norm", "min_snr_gamma", "noise_offset",
                     "keep_tokens", "lr_warmup_steps", "save_every_n_steps", "save_every_n_epochs",
                     "save_state_every_n_steps", "sample_every_n_steps", "validate_every_n_steps"):
             if getattr(self, key) < 0:
                 raise bad(key, "it must be 0 or more")
-        for key in ("caption_dropout_rate", "lora_dropout", "validation_split"):
+        for key in ("caption_dropout_rate", "lora_dropout", "validation_split", "rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(key, "it must be in [0, 1)")
         for key in ("adam_beta1", "adam_beta2"):
@@ -221,9 +231,34 @@ class TrainConfig:
                               "validation set; set validation_split (e.g. 0.1) or validation_dir as well.")
         if self.init == "pissa" and self.use_dora:
             raise ConfigError(f"{where}: init = 'pissa' cannot be combined with use_dora = true; choose one.")
+        self._validate_network(where)
         for key in ("run_name", "output_name"):  # each becomes a file or folder name under output_dir
             if getattr(self, key):
                 check_name(getattr(self, key), f"{where}: {key}")
+
+    def _validate_network(self, where: str) -> None:
+        lycoris = self.network in ("loha", "lokr")
+        lora_only = {"use_dora": self.use_dora, "use_rslora": self.use_rslora, "init": self.init != "gaussian",
+                     "lora_dropout": self.lora_dropout > 0}
+        for key, on in lora_only.items():
+            if lycoris and on:
+                raise ConfigError(f"{where}: {key} = {getattr(self, key)!r} works with network 'lora' or 'locon' "
+                                  f"only, not {self.network!r}; turn it off or change the network"
+                                  + (" (LoHa/LoKr have rank_dropout and module_dropout)." if key == "lora_dropout"
+                                     else "."))
+        lycoris_only = {"use_tucker": self.use_tucker, "rank_dropout": self.rank_dropout > 0,
+                        "module_dropout": self.module_dropout > 0}
+        for key, on in lycoris_only.items():
+            if not lycoris and on:
+                raise ConfigError(f"{where}: {key} = {getattr(self, key)!r} works with network 'loha' or 'lokr' "
+                                  f"only, not {self.network!r}; turn it off or change the network.")
+        for key, on in {"lokr_factor": self.lokr_factor != -1, "decompose_both": self.decompose_both}.items():
+            if self.network != "lokr" and on:
+                raise ConfigError(f"{where}: {key} = {getattr(self, key)!r} works with network 'lokr' only, "
+                                  f"not {self.network!r}; remove it or set network to 'lokr'.")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"{where}: lokr_factor = {self.lokr_factor} is out of range: it must be -1 (sizes "
+                              "near the square root) or a positive whole number such as 8.")
 
 
 # JSON types each field accepts. Hand-written (rather than read from annotations) to keep the rules explicit.

@@ -31,10 +31,11 @@ from ..lora.writer import kohya_metadata, save_kohya_lora
 from ..names import as_text
 from ..progress import report
 from .config import TrainConfig
+from .networks import network_of
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings a resumed run must share with the run it continues, or its result would be a different LoRA.
-RESUME_MUST_MATCH = ("rank", "alpha", "target_modules", "train_text_encoder", "text_encoder_target_modules", "init",
+RESUME_MUST_MATCH = ("network", "rank", "alpha", "conv_rank", "conv_alpha", "use_tucker", "lokr_factor", "decompose_both", "target_modules", "train_text_encoder", "text_encoder_target_modules", "init",
                      "use_rslora", "use_dora", "seed", "batch_size", "gradient_accumulation_steps", "optimizer",
                      "resolution", "enable_buckets", "validation_split")
 
@@ -49,14 +50,16 @@ def lora_metadata(cfg: TrainConfig, family: Family, modules: Mapping[str, LoraMo
                   batches_per_epoch: int, epoch: int) -> dict[str, str]:
     ranks = {m.rank for m in modules.values()}
     alphas = {round(float(m.alpha), 6) for m in modules.values() if m.alpha is not None}
-    rank = max(ranks) if ranks else cfg.rank
-    alpha = alphas.pop() if len(alphas) == 1 else cfg.alpha
+    network = network_of(cfg)
+    lora = cfg.network in ("lora", "locon")     # LoHa/LoKr: the dim and alpha the user chose (LyCORIS writes these)
+    rank = max(ranks) if ranks and lora else cfg.rank
+    alpha = alphas.pop() if len(alphas) == 1 and lora else cfg.alpha
     meta = kohya_metadata(
         family=family, rank=rank, alpha=alpha, title=cfg.resolved_output_name(), resolution=cfg.resolution,
-        num_train_images=num_train_images, tag_frequency=tag_frequency,
+        num_train_images=num_train_images, tag_frequency=tag_frequency, network_module=network.module,
         extra={
             "ss_sd_model_name": base_file_name(cfg.base),
-            "ss_network_args": {"init": cfg.init, "rslora": cfg.use_rslora, "dora": cfg.use_dora,
+            "ss_network_args": {**network.network_args(cfg), "init": cfg.init, "rslora": cfg.use_rslora, "dora": cfg.use_dora,
                                 "unet_targets": cfg.target_modules,
                                 "text_encoder_targets": cfg.text_encoder_target_modules if cfg.train_text_encoder else []},
             "ss_network_train_unet_only": str(not cfg.train_text_encoder),

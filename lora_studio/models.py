@@ -20,7 +20,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -203,9 +203,10 @@ def _apply_prediction_type(pipe, metadata: dict[str, str]) -> None:
 
 
 def _from_single_file(path: Path, family: Family, source: str, dtype: torch.dtype, config_dir: Path | None,
-                      metadata: dict[str, str]) -> LoadedModel:
+                      metadata: dict[str, str], header: Mapping[str, Any]) -> LoadedModel:
+    """Load with the configs of ``--config-dir``, else those the file carries, else those its shapes tell."""
     given = check_config_dir(Path(config_dir), family) if config_dir else None
-    with single_file_configs(family, metadata, source, given) as cfg:
+    with single_file_configs(family, metadata, source, given, header) as cfg:
         return _from_config_folder(path, family, source, dtype, cfg, metadata)
 
 
@@ -232,7 +233,7 @@ def _from_config_folder(path: Path, family: Family, source: str, dtype: torch.dt
 def _load_safetensors_file(path: Path, source: str, dtype: torch.dtype, config_dir: Path | None) -> LoadedModel:
     header, metadata = read_safetensors_header(path)
     family = detect_family_from_ldm_keys(header, source)
-    return _from_single_file(path, family, source, dtype, config_dir, metadata)
+    return _from_single_file(path, family, source, dtype, config_dir, metadata, header)
 
 
 def _load_pickle_file(path: Path, source: str, dtype: torch.dtype, config_dir: Path | None) -> LoadedModel:
@@ -250,8 +251,8 @@ def _load_pickle_file(path: Path, source: str, dtype: torch.dtype, config_dir: P
     with tempfile.TemporaryDirectory(prefix="lora-studio-ckpt-") as tmp:
         tmp_file = Path(tmp) / (path.stem + ".safetensors")
         save_file(tensors, str(tmp_file))
-        del tensors
-        return _from_single_file(tmp_file, family, source, dtype, config_dir, {})
+        tensors = {k: {"shape": list(t.shape)} for k, t in tensors.items()}  # header-like: shapes only
+        return _from_single_file(tmp_file, family, source, dtype, config_dir, {}, tensors)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -14,10 +14,11 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from ..errors import InputFileError
 from . import config_dir
+from .derived import ShapesUnclear, derived_configs
 
 CONFIGS_KEY = "lora_studio.configs"
 CLIP_VOCAB = 49408   # the standard tokenizer (shipped in clip-tokenizer/): not carried
@@ -99,14 +100,28 @@ def config_folder(files: dict[str, str]) -> Iterator[Path]:
 
 
 @contextmanager
-def single_file_configs(family, metadata: dict[str, str], source: str, given: Path | None = None) -> Iterator[Path]:
+def single_file_configs(family, metadata: dict[str, str], source: str, given: Path | None = None,
+                        header: Mapping[str, Any] | None = None) -> Iterator[Path]:
     """The config folder for a single-file checkpoint of ``family``: ``given`` (the user's ``--config-dir``), else
-    the configs the file carries, else the shipped ones for the family's published sizes."""
+    the configs the file carries, else configs derived from the shapes in its ``header`` (``derived.py``), else
+    the shipped ones for the family's published sizes (which then fail to load, naming ``--config-dir``)."""
     files = None if given is not None else carried_configs(metadata, source)
+    unclear = None
+    if given is None and files is None and header is not None:
+        try:
+            files = derived_configs(header, family)
+        except ShapesUnclear as err:
+            unclear = err
     if given is not None:
         yield Path(given)
     elif files is not None:
         with config_folder(files) as folder:
             yield folder
     else:
-        yield config_dir(family)
+        try:
+            yield config_dir(family)
+        except InputFileError as err:
+            if unclear is None:
+                raise
+            raise InputFileError(f"{err} (Its configs could not be derived from its tensor shapes either: "
+                                 f"{unclear}.)") from err

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from test_export import load_single_file, make_lora, reference_merge, text_out, unet_out
 from tiny_families import tiny_config_dir, tiny_pipeline, write_ldm_checkpoint
 
+from lora_studio.configs import config_dir
 from lora_studio.errors import ExportError, InputFileError, StopRequested
 from lora_studio.family import Family
 from lora_studio.fileio import read_safetensors_header
@@ -124,9 +125,25 @@ def test_streamed_export_refuses_overflow_stop_and_wrong_configs_leaving_nothing
                                  config_dir=str(cfg), progress=stop_midway, stop=flag)
     # the shipped full-size SD 1.5 configs do not fit the tiny checkpoint: said before anything is written
     with pytest.raises(InputFileError, match="does not fit the SD 1.x configs"):
-        export_merged_checkpoint(str(base), [(tmp_path / "a.safetensors", 1.0)], out, dtype="fp32")
+        export_merged_checkpoint(str(base), [(tmp_path / "a.safetensors", 1.0)], out, dtype="fp32",
+                                 config_dir=str(config_dir(Family.SD1)))
     assert out.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("family", [Family.SD1, Family.SD2, Family.SDXL], ids=lambda f: f.value)
+def test_streamed_export_of_a_file_without_configs_derives_them_from_its_shapes(family, tmp_path, monkeypatch):
+    import lora_studio.export.checkpoint as export
+
+    _, cfg, base, _ = _inputs(family, tmp_path)  # written without lora_studio.configs
+    monkeypatch.setattr(export, "_load_base", lambda *a: pytest.fail("the streamed path loaded the pipeline"))
+    loras = [(tmp_path / "a.safetensors", 0.8)]
+    export.export_merged_checkpoint(str(base), loras, tmp_path / "derived.safetensors", dtype="fp32")
+    export.export_merged_checkpoint(str(base), loras, tmp_path / "given.safetensors", dtype="fp32",
+                                    config_dir=str(cfg))
+    derived, given = _tensors(tmp_path / "derived.safetensors"), _tensors(tmp_path / "given.safetensors")
+    assert derived.keys() == given.keys()
+    assert all(torch.equal(derived[k], given[k]) for k in given)
 
 
 def test_streamed_export_refuses_an_incomplete_checkpoint(tmp_path):

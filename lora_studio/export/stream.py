@@ -197,7 +197,7 @@ def stream_merged_checkpoint(base: Path, loras, out: Path, torch_dtype: torch.dt
     header, base_meta = read_safetensors_header(base)
     family = detect_family_from_ldm_keys(header, str(base))
     given = check_config_dir(Path(config_dir), family) if config_dir else None
-    with single_file_configs(family, base_meta, str(base), given) as cfg:
+    with single_file_configs(family, base_meta, str(base), given, header) as cfg:
         skeleton = skeleton_pipeline(cfg)
         _check_skeleton(header, skeleton, family, str(base), cfg)
         report(progress, "load", 1, 1, str(base))

@@ -206,6 +206,17 @@ def test_pickle_allowed_loads_weights_only(tmp_path):
     _assert_same_weights(pipe, loaded.pipe)
 
 
+def test_pickle_without_a_config_folder_derives_the_configs_from_its_shapes(tmp_path):
+    pipe = tiny_pipeline(Family.SD2, seed=7)
+    from lora_studio.ldm import pipeline_to_ldm_state_dict
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {k: v.clone() for k, v in pipeline_to_ldm_state_dict(pipe).items()}}, ckpt)
+    loaded = load_pipeline(ckpt, allow_pickle=True)
+    assert (loaded.family, loaded.kind) == (Family.SD2, "single_file")
+    _assert_same_weights(pipe, loaded.pipe)
+
+
 # --------------------------------------------------------------------------- user mistakes
 @pytest.mark.parametrize("name, content, needle", [
     ("missing.safetensors", None, "does not exist"),

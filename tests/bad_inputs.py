@@ -4,7 +4,8 @@ Used by tests/test_bad_*.py, test_pickles.py and test_fuzz_reader.py. Every case
 error message must contain, so a test checks that the message says *what* is wrong, not only that it raised.
 
 Counts (kept in step with the tests and the README section "Bad inputs and faults"):
-    inputs tried:    134 hand-made bad inputs (32 safetensors incl. JSON/HTML/LFS/picture/pickle/zip files and
+    inputs tried:    147 hand-made bad inputs (134 below, + 6 validation/tracker settings and 7 options of
+                     another LoRA network refused by TrainConfig) (32 safetensors incl. JSON/HTML/LFS/picture/pickle/zip files and
                      deep or over-long headers; 19 LoRA contents incl. int/bool/complex factors, vector and peft
                      alphas, a 3e38 alpha, + 5 family/NaN/overflow cases; 5 pickles + 7 pickle-only or LFS
                      diffusers folders and checkpoints; 21 pictures/captions/folders incl. BOM-less UTF-16,

@@ -4,9 +4,9 @@ Used by tests/test_bad_*.py, test_pickles.py and test_fuzz_reader.py. Every case
 error message must contain, so a test checks that the message says *what* is wrong, not only that it raised.
 
 Counts (kept in step with the tests and the README section "Bad inputs and faults"):
-    inputs tried:    147 hand-made bad inputs (134 below, + 6 validation/tracker settings and 7 options of
-                     another LoRA network refused by TrainConfig) (32 safetensors incl. JSON/HTML/LFS/picture/pickle/zip files and
-                     deep or over-long headers; 19 LoRA contents incl. int/bool/complex factors, vector and peft
+    inputs tried:    147 hand-made bad inputs: 6 validation/tracker settings and 7 options of another LoRA
+                     network refused by TrainConfig, and these 134 (32 safetensors incl. JSON/HTML/LFS/picture/
+                     pickle/zip files and deep or over-long headers; 19 LoRA contents incl. int/bool/complex factors, vector and peft
                      alphas, a 3e38 alpha, + 5 family/NaN/overflow cases; 5 pickles + 7 pickle-only or LFS
                      diffusers folders and checkpoints; 21 pictures/captions/folders incl. BOM-less UTF-16,
                      control characters, a 1 MB caption, a latin-1 file name, absurd repeats; 25 configs/presets/
@@ -202,17 +202,21 @@ def header_over_library_limit(folder: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- other files saved as .safetensors
+def _text_as(folder: Path, name: str, text: str) -> Path:
+    p = Path(folder) / name
+    p.write_text(text)
+    return p
+
+
 def json_reply(folder: Path) -> Path:
     """What a download site answers instead of the file (saved by a script under the model's name)."""
-    p = Path(folder) / "api.safetensors"
-    p.write_text('{"error": "Unauthorized", "message": "log in to download this model"}')
-    return p
+    return _text_as(folder, "api.safetensors",
+                    '{"error": "Unauthorized", "message": "log in to download this model"}')
 
 
 def html_page(folder: Path) -> Path:
-    p = Path(folder) / "page.safetensors"
-    p.write_text("\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please sign in</body></html>\n")
-    return p
+    return _text_as(folder, "page.safetensors",
+                    "\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please sign in</body></html>\n")
 
 
 LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
@@ -221,9 +225,7 @@ LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
 
 def lfs_pointer(folder: Path) -> Path:
     """What `git clone` of a Hugging Face repository leaves without Git LFS."""
-    p = Path(folder) / "pointer.safetensors"
-    p.write_text(LFS_POINTER)
-    return p
+    return _text_as(folder, "pointer.safetensors", LFS_POINTER)
 
 
 def _picture_as(folder: Path, name: str, fmt: str) -> Path:
@@ -274,9 +276,7 @@ def zip_archive(folder: Path) -> Path:
 
 def text_reply(folder: Path) -> Path:
     """The Hugging Face hub's answer for a file that is not there."""
-    p = Path(folder) / "hub.safetensors"
-    p.write_text("Entry not found")
-    return p
+    return _text_as(folder, "hub.safetensors", "Entry not found")
 
 
 def directory(folder: Path) -> Path:

@@ -99,8 +99,8 @@ def test_model_hash_is_the_autov2_of_the_base_file_hashed_once(tmp_path, monkeyp
     base = tmp_path / "my-model.safetensors"
     base.write_bytes(b"not really a checkpoint, the loader is faked" * 100)
     hashed = []
-    real = session_module.sha256_of
-    monkeypatch.setattr(session_module, "sha256_of", lambda p: hashed.append(p) or real(p))
+    real = session_module.file_sha256
+    monkeypatch.setattr(session_module, "file_sha256", lambda p: hashed.append(p) or real(p))
     session = MixSession(lambda source: demo_or_random_pipeline())
     session.set_loras(str(base), [])
     params = GenParams("a red circle", steps=1, sampler="DPM++ 2M Karras", model_name="my-model")

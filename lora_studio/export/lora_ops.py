@@ -7,7 +7,6 @@ kohya metadata and reports per-module ranks and energies. Extraction is ``extrac
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 
 from ..errors import ConfigError, LoraFormatError
 from ..family import Family
+from ..fileio import file_sha256
 from ..lora.formats import read_lora
 from ..lora.keys import canonical_kohya_name
 from ..lora.math import natural_shape
@@ -59,14 +59,6 @@ class ResizeReport:
                          f"overall {s['energy_kept_overall']:.4f}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

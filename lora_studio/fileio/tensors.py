@@ -42,6 +42,15 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
         save_file(contiguous, str(tmp), metadata=meta)
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of the whole file, hex (A1111's AutoV2 is its first 10 digits; merged files record it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tensor_data_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """The SHA-256 (hex) of the tensor data of the safetensors file ``save_safetensors_atomic`` writes for
     ``tensors``: the bytes after the header, which A1111 ("addnet" hash) and kohya (``sshs_model_hash``) hash.

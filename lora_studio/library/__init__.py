@@ -2,7 +2,7 @@
 and the whole library of WebUI / ComfyUI / loose folders with hashes and sidecars (``folders``, ``sidecars``,
 ``cache``, ``scan``)."""
 
-from .cache import ScanCache, autov2, sha256_of
+from .cache import ScanCache, autov2
 from .folder import (LORA_SUFFIXES, PICKLE_SUFFIXES, LibraryItem, available_names, list_lora_files, lora_name,
                      resolve, scan_library)
 from .folders import ModelFolders, gather_folders, read_extra_model_paths
@@ -12,4 +12,4 @@ from .sidecars import Sidecars, read_sidecars
 __all__ = ["LORA_SUFFIXES", "PICKLE_SUFFIXES", "CheckpointEntry", "LibraryItem", "LoraEntry", "ModelFolders",
            "ModelLibrary", "ScanCache", "Sidecars", "autov2", "available_names", "gather_folders",
            "is_training_internal", "list_lora_files", "lora_name", "read_extra_model_paths", "read_sidecars",
-           "resolve", "scan_library", "scan_models", "sha256_of"]
+           "resolve", "scan_library", "scan_models"]

@@ -4,7 +4,6 @@ read is started afresh (it only costs time)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,16 +12,6 @@ from typing import Any
 from ..fileio import write_text_atomic
 
 CACHE_VERSION = 1
-HASH_CHUNK = 1 << 20
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """The SHA-256 of the whole file, hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def autov2(sha256: str | None) -> str | None:

@@ -18,7 +18,8 @@ from ..fileio import PICKLE_SUFFIXES
 from ..lora.inspect import inspect_lora, looks_like_checkpoint
 from ..models import describe_checkpoint
 from ..progress import ProgressCallback, report
-from .cache import ScanCache, autov2, sha256_of
+from ..fileio import file_sha256
+from .cache import ScanCache, autov2
 from .folders import ModelFolders
 from .sidecars import read_sidecars
 
@@ -98,7 +99,7 @@ def _failure(err: Exception) -> str:
 
 def _hash(path: Path) -> str | None:
     try:
-        return sha256_of(path)
+        return file_sha256(path)
     except OSError:
         return None
 

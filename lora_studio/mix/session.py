@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
-from ..library.cache import autov2, sha256_of
+from ..fileio import file_sha256
+from ..library.cache import autov2
 from ..models import load_base
 from ..progress import ProgressCallback, StopFlag
 from ..render import GenParams, RenderedImage, lora_hash, render
@@ -46,8 +47,7 @@ class MixSession:
         self.loads = 0                      # base models loaded so far
         self.reads = 0                      # LoRA files read so far
         self._names: dict[str, str] = {}    # resolved file path -> mixer entry name
-        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> A1111 short hash
-        self._model_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> AutoV2 of the base
+        self._digests: dict[tuple[str, str, int, int], str] = {}  # (kind, path, size, mtime) -> hash, see _once
 
     def use_base(self, base: str):
         """The pipeline for ``base``, loaded only when the base differs from the one in memory."""
@@ -133,11 +133,7 @@ class MixSession:
         or a hub id, which have no single file to hash."""
         if not self.base or not Path(self.base).is_file():
             return ""
-        st = Path(self.base).stat()
-        key = (str(Path(self.base).resolve()), st.st_size, st.st_mtime_ns)
-        if key not in self._model_hashes:
-            self._model_hashes[key] = autov2(sha256_of(self.base)) or ""
-        return self._model_hashes[key]
+        return self._once("autov2", self.base, lambda p: autov2(file_sha256(p)) or "")
 
     def _stamped(self, params: GenParams) -> GenParams:
         return replace(params, model_hash=self.model_hash())
@@ -148,12 +144,16 @@ class MixSession:
         for e in self.mixer.entries:
             if e.path is None or not Path(e.path).is_file():
                 continue
-            st = Path(e.path).stat()
-            key = (str(Path(e.path).resolve()), st.st_size, st.st_mtime_ns)
-            if key not in self._hashes:
-                self._hashes[key] = lora_hash(e.path)
-            out[e.name] = self._hashes[key]
+            out[e.name] = self._once("lora", e.path, lora_hash)
         return out
+
+    def _once(self, kind: str, path: str | Path, digest: Callable[[str | Path], str]) -> str:
+        """``digest(path)``, computed once while the file keeps its size and modification time."""
+        st = Path(path).stat()
+        key = (kind, str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = digest(path)
+        return self._digests[key]
 
     def to_preset(self, params: GenParams, lora_dir: str | None = None) -> MixPreset:
         """The mix as set, with ``params``, as a mixing preset (``presets.save_mix_preset`` writes it)."""
